@@ -1,0 +1,239 @@
+"""Plain data: jobs, events, deliveries and the rules about statuses. No I/O here."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+# How far along a prediction is. A status only ever moves to a higher rank; an unknown status
+# (the API may add `cancelled`) is recorded and ranks between running and the terminal ones.
+STATUS_RANK: dict[str, int] = {
+    "enqueued": 0,
+    "pending": 0,
+    "running": 1,
+    "paused": 1,
+    "completed": 3,
+    "failed": 3,
+}
+UNKNOWN_STATUS_RANK = 2
+TERMINAL_RANK = 3
+JOB_KINDS = ("document", "image", "audio", "video")
+
+# Job statuses of our own, before the API has a prediction: still submitting, or refused.
+SUBMITTING = "submitting"
+SUBMIT_FAILED = "submit_failed"
+TIMED_OUT = "timed_out"
+
+
+def status_rank(status: str) -> int:
+    """Rank of a prediction status; our own job statuses rank below every API status."""
+    if status in (SUBMITTING,):
+        return -1
+    if status in (SUBMIT_FAILED, TIMED_OUT):
+        return TERMINAL_RANK
+    return STATUS_RANK.get(status, UNKNOWN_STATUS_RANK)
+
+
+def is_terminal(status: str) -> bool:
+    return status_rank(status) >= TERMINAL_RANK
+
+
+def new_id(prefix: str) -> str:
+    """A sortable, unguessable id: prefix, milliseconds since the epoch in hex, 64 random bits."""
+    return f"{prefix}_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(8)}"
+
+
+def new_callback_token() -> str:
+    """The per-job secret that goes into the callback URL (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    """Only this hash is stored: a leaked database does not reveal working callback URLs."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds (how the store keeps time) as an ISO-8601 UTC string for the API."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: str
+    kind: str
+    domain: str
+    status: str
+    prediction_id: str | None
+    created_at: float
+    updated_at: float
+    request: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    completed_at: float | None = None
+    next_poll_at: float | None = None
+    poll_attempts: int = 0
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "domain": self.domain,
+            "status": self.status,
+            "prediction_id": self.prediction_id,
+            "error": self.error,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+            "completed_at": iso(self.completed_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One recorded state of a prediction, with the body exactly as it arrived."""
+
+    id: str
+    job_id: str
+    prediction_id: str
+    status: str
+    domain: str
+    source: str  # "callback" or "poll"
+    verification: str  # how it was verified: "hmac-sha256", "token", "poll"
+    received_at: float
+    body: bytes
+
+    def to_api(self, with_body: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "job_id": self.job_id,
+            "prediction_id": self.prediction_id,
+            "status": self.status,
+            "domain": self.domain,
+            "source": self.source,
+            "verification": self.verification,
+            "received_at": iso(self.received_at),
+        }
+        if with_body:
+            out["prediction"] = orjson.loads(self.body)
+        return out
+
+    def envelope(self) -> bytes:
+        """What sinks receive: the same bytes on every attempt.
+
+        The prediction is spliced in as received (it was checked to be a JSON object when it
+        arrived), so a large document is neither re-parsed nor re-encoded.
+        """
+        head = orjson.dumps(
+            {
+                "type": f"prediction.{self.status}",
+                "id": self.id,
+                "job_id": self.job_id,
+                "prediction_id": self.prediction_id,
+                "status": self.status,
+                "domain": self.domain,
+                "source": self.source,
+                "received_at": iso(self.received_at),
+            }
+        )
+        return head[:-1] + b',"data":' + self.body.strip() + b"}"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Which events a sink wants: empty filters match everything."""
+
+    sink: str
+    statuses: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+
+    def matches(self, status: str, domain: str) -> bool:
+        return (not self.statuses or status in self.statuses) and (
+            not self.domains or domain in self.domains
+        )
+
+
+class Outcome(StrEnum):
+    """What recording a callback did."""
+
+    RECORDED = "recorded"
+    DUPLICATE = "duplicate"  # this prediction already reached this status
+    STALE = "stale"  # an older status than the one recorded: changes nothing
+    CONFLICT = "conflict"  # the prediction id belongs to another job
+    UNKNOWN_TOKEN = "unknown_token"
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A verified prediction state on its way into the store (from a callback or a poll)."""
+
+    token_hash: str | None  # callbacks find their job by token; polls by job id
+    job_id: str | None
+    prediction_id: str
+    status: str
+    domain: str | None
+    source: str
+    verification: str
+    body: bytes
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RecordResult:
+    outcome: Outcome
+    job_id: str | None = None
+    event_id: str | None = None
+    sinks: tuple[str, ...] = ()
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    LEASED = "leased"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One event on its way to one sink."""
+
+    id: int
+    event_id: str
+    sink: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    created_at: float
+    updated_at: float
+    last_error: str | None = None
+    delivered_at: float | None = None
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "event_id": self.event_id,
+            "sink": self.sink,
+            "state": self.state,
+            "attempts": self.attempts,
+            "next_attempt_at": iso(self.next_attempt_at),
+            "last_error": self.last_error,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+            "delivered_at": iso(self.delivered_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A leased delivery with what the sink needs to send it."""
+
+    delivery: Delivery
+    event: Event
+    lease_until: float  # the lease's identity: finishing checks it still holds

@@ -1,0 +1,88 @@
+"""HTTP routes. Each module is one resource; they share the `Services` the app wires up."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from receiver.config import Settings
+from receiver.metrics import Metrics
+from receiver.store import Store
+from receiver.vlmrun import VlmRunClient
+
+
+@dataclass
+class Services:
+    """Everything a request handler may use, built once by `create_app`."""
+
+    settings: Settings
+    store: Store
+    vlmrun: VlmRunClient
+    metrics: Metrics
+    clock: Callable[[], float]
+    webhook_secrets: list[str] = field(default_factory=list)
+    sink_names: tuple[str, ...] = ()
+    worker_running: Callable[[], bool] = lambda: False
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error(status: int, reason: str, **extra: Any) -> JSON:
+    """Every refusal has the same shape: `{"error": reason, ...}`."""
+    return JSON({"error": reason, **extra}, status_code=status)
+
+
+def services(request: Request) -> Services:
+    svc: Services = request.app.state.services
+    return svc
+
+
+def admin_refusal(request: Request) -> JSON | None:
+    """None when the request carries the admin bearer token (compared in constant time)."""
+    expected = services(request).settings.admin_token
+    if expected is None:
+        return error(401, "admin API disabled: set RECEIVER_ADMIN_TOKEN")
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), expected.get_secret_value().encode()
+    ):
+        return JSON(
+            {"error": "missing or wrong bearer token"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return None
+
+
+def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"`{name}` must be an integer") from None
+    if not low <= value <= high:
+        raise BadRequest(f"`{name}` must be between {low} and {high}")
+    return value
+
+
+class BadRequest(Exception):
+    """Raised inside a handler; the app turns it into a 4xx with the reason."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status

@@ -1,0 +1,127 @@
+"""`POST /callbacks/vlmrun/{token}`: verify, record, then answer. The hot path.
+
+A plain ASGI endpoint (no Request/Response objects): it reads the body in chunks and stops
+at the size limit, checks the signature over the raw bytes, and answers 2xx only after the
+store has committed. See the "Callback answers" table in DESIGN.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import structlog
+from starlette.types import Receive, Scope, Send
+
+from receiver.errors import StoreError
+from receiver.models import Incoming, Outcome, hash_token
+from receiver.routes import Services
+from receiver.verify import Rejected, check_signature, parse_prediction
+
+log = structlog.get_logger("receiver.callbacks")
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class TooLarge(Exception):
+    pass
+
+
+async def _read_body(receive: Receive, content_length: int | None, limit: int) -> bytes:
+    if content_length is not None and content_length > limit:
+        raise TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ConnectionError("client went away")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _answer(send: Send, status: int, body: dict[str, Any]) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": _JSON_HEADERS})
+    await send({"type": "http.response.body", "body": orjson.dumps(body)})
+
+
+class CallbackEndpoint:
+    def __init__(self, services: Services) -> None:
+        self.svc = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        svc = self.svc
+        if scope["method"] != "POST":
+            await _answer(send, 405, {"error": "use POST"})
+            return
+        signature: str | None = None
+        content_length: int | None = None
+        for name, value in scope["headers"]:
+            if name == b"x-vlmrun-signature":
+                signature = value.decode("latin-1")
+            elif name == b"content-length" and value.isdigit():
+                content_length = int(value)
+        try:
+            body = await _read_body(receive, content_length, svc.settings.max_body_bytes)
+            verification = check_signature(svc.webhook_secrets, body, signature)
+            prediction = parse_prediction(body)
+        except TooLarge:
+            svc.metrics.callbacks.labels("too_large").inc()
+            await _answer(send, 413, {"error": f"body over {svc.settings.max_body_bytes} bytes"})
+            return
+        except ConnectionError:
+            return
+        except Rejected as exc:
+            outcome = "unauthorized" if exc.status == 401 else "invalid"
+            svc.metrics.callbacks.labels(outcome).inc()
+            if exc.status == 401:
+                svc.metrics.verification_failures.labels("signature").inc()
+                log.warning("callback.rejected", status=exc.status, reason=exc.reason)
+            await _answer(send, exc.status, {"error": exc.reason})
+            return
+
+        incoming = Incoming(
+            token_hash=hash_token(scope["path_params"]["token"]),
+            job_id=None,
+            prediction_id=prediction.id,
+            status=prediction.status,
+            domain=prediction.domain,
+            source="callback",
+            verification=verification,
+            body=body,
+            received_at=svc.clock(),
+        )
+        try:
+            result = await svc.store.record(incoming)
+        except StoreError as exc:
+            svc.metrics.callbacks.labels("store_unavailable").inc()
+            log.error("callback.store_failed", error=str(exc), prediction_id=prediction.id)
+            await _answer(send, 503, {"error": "store unavailable, retry later"})
+            return
+
+        svc.metrics.callbacks.labels(result.outcome.value).inc()
+        if result.outcome is Outcome.UNKNOWN_TOKEN:
+            svc.metrics.verification_failures.labels("unknown_token").inc()
+            log.warning("callback.unknown_token", prediction_id=prediction.id)
+            await _answer(send, 404, {"error": "no job has this callback URL"})
+            return
+        if result.outcome is Outcome.CONFLICT:
+            log.warning("callback.conflict", job_id=result.job_id, prediction_id=prediction.id)
+            await _answer(send, 409, {"error": "prediction belongs to another job"})
+            return
+        log.info(
+            f"callback.{result.outcome.value}",
+            job_id=result.job_id,
+            prediction_id=prediction.id,
+            status=prediction.status,
+            event_id=result.event_id,
+        )
+        await _answer(
+            send,
+            200,
+            {"status": result.outcome.value, "event_id": result.event_id, "job_id": result.job_id},
+        )

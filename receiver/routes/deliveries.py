@@ -1,0 +1,123 @@
+"""`/v1/deliveries` and `/v1/events`: inspect the outbox and replay what failed."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from receiver.models import DeliveryState
+from receiver.routes import JSON, BadRequest, admin_refusal, error, int_param, services
+
+STATES = {s.value for s in DeliveryState}
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("body must be JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object", 422)
+    return data
+
+
+def _sink(request: Request, data: dict[str, Any], required: bool) -> str | None:
+    sink = data.get("sink")
+    if sink is None:
+        if required:
+            raise BadRequest("`sink` is required", 422)
+        return None
+    if sink not in services(request).sink_names:
+        raise BadRequest(f"no sink named {sink!r} is configured", 422)
+    return str(sink)
+
+
+def _since(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise BadRequest(
+            "`since` must be an ISO-8601 time, e.g. 2026-11-24T08:00:00Z", 422
+        ) from None
+
+
+async def list_deliveries(request: Request) -> Response:
+    if (refusal := admin_refusal(request)) is not None:
+        return refusal
+    state = request.query_params.get("state")
+    if state is not None and state not in STATES:
+        raise BadRequest(f"`state` must be one of {', '.join(sorted(STATES))}", 422)
+    cursor = request.query_params.get("cursor")
+    if cursor is not None and not cursor.isdigit():
+        raise BadRequest("`cursor` must come from a previous page's next_cursor", 422)
+    page = await services(request).store.list_deliveries(
+        state, request.query_params.get("sink"), int_param(request, "limit", 50, 1, 500), cursor
+    )
+    return JSON({"items": [d.to_api() for d in page.items], "next_cursor": page.next_cursor})
+
+
+async def retry_delivery(request: Request) -> Response:
+    if (refusal := admin_refusal(request)) is not None:
+        return refusal
+    raw = request.path_params["delivery_id"]
+    if not raw.isdigit():
+        return error(404, "no such delivery")
+    svc = services(request)
+    count = await svc.store.requeue(svc.clock(), delivery_id=int(raw), only_dead=False)
+    if count == 0:
+        return error(404, "no such delivery, or it is in flight right now")
+    return JSON({"requeued": count}, status_code=202)
+
+
+async def replay_event(request: Request) -> Response:
+    if (refusal := admin_refusal(request)) is not None:
+        return refusal
+    svc = services(request)
+    event_id = request.path_params["event_id"]
+    if await svc.store.get_event(event_id) is None:
+        return error(404, "no such event")
+    sink = _sink(request, await _json_body(request), required=False)
+    targets = [sink] if sink else list(svc.sink_names)
+    count = 0
+    for name in targets:
+        count += await svc.store.requeue(svc.clock(), event_id=event_id, sink=name, only_dead=False)
+    return JSON({"requeued": count}, status_code=202)
+
+
+async def replay_dead(request: Request) -> Response:
+    """Replay everything dead for one sink, optionally only what died since a time."""
+    if (refusal := admin_refusal(request)) is not None:
+        return refusal
+    data = await _json_body(request)
+    sink = _sink(request, data, required=True)
+    svc = services(request)
+    count = await svc.store.requeue(svc.clock(), sink=sink, since=_since(data.get("since")))
+    return JSON({"requeued": count}, status_code=202)
+
+
+async def get_event(request: Request) -> Response:
+    if (refusal := admin_refusal(request)) is not None:
+        return refusal
+    event = await services(request).store.get_event(request.path_params["event_id"])
+    if event is None:
+        return error(404, "no such event")
+    return JSON(event.to_api(with_body=True))
+
+
+routes = [
+    Route("/v1/deliveries", list_deliveries, methods=["GET"]),
+    Route("/v1/deliveries/replay", replay_dead, methods=["POST"]),
+    Route("/v1/deliveries/{delivery_id}/retry", retry_delivery, methods=["POST"]),
+    Route("/v1/events/{event_id}", get_event, methods=["GET"]),
+    Route("/v1/events/{event_id}/replay", replay_event, methods=["POST"]),
+]

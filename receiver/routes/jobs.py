@@ -1,0 +1,206 @@
+"""`/v1/jobs`: submit documents to VLM Run and read jobs back."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+import structlog
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import Response
+
+from receiver.errors import VlmRunError
+from receiver.models import (
+    JOB_KINDS,
+    SUBMIT_FAILED,
+    SUBMITTING,
+    Job,
+    hash_token,
+    new_callback_token,
+    new_id,
+)
+from receiver.routes import JSON, BadRequest, Services, admin_refusal, error, int_param, services
+
+log = structlog.get_logger("receiver.jobs")
+DOMAIN = re.compile(r"^[a-z0-9][a-z0-9_-]*\.[a-z0-9][a-z0-9_.-]*$")
+PAGE_MAX = 500
+
+
+def _object(value: Any, name: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, str):  # multipart fields carry JSON as text
+        try:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            raise BadRequest(f"`{name}` must be a JSON object", 422) from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"`{name}` must be a JSON object", 422)
+    return value
+
+
+def validate_submission(data: dict[str, Any], has_file: bool) -> dict[str, Any]:
+    """The submission as the job will keep it, or BadRequest naming the field to fix."""
+    kind = data.get("kind") or "document"
+    if kind not in JOB_KINDS:
+        raise BadRequest(f"`kind` must be one of {', '.join(JOB_KINDS)}", 422)
+    domain = data.get("domain")
+    if not isinstance(domain, str) or not DOMAIN.match(domain):
+        raise BadRequest("`domain` is required, like document.invoice", 422)
+    sources = [k for k in ("url", "file_id") if data.get(k)] + (["file"] if has_file else [])
+    if len(sources) != 1:
+        raise BadRequest("give exactly one of `url`, `file_id` or a `file` upload", 422)
+    for key in ("url", "file_id"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise BadRequest(f"`{key}` must be a string", 422)
+    if data.get("url") and not str(data["url"]).startswith(("http://", "https://")):
+        raise BadRequest("`url` must be an http(s) URL", 422)
+    return {
+        "kind": kind,
+        "domain": domain,
+        "url": data.get("url"),
+        "file_id": data.get("file_id"),
+        "config": _object(data.get("config"), "config"),
+        "metadata": _object(data.get("metadata"), "metadata"),
+    }
+
+
+def generate_payload(svc: Services, sub: dict[str, Any], callback_url: str) -> dict[str, Any]:
+    metadata = {"allow_training": svc.settings.allow_training, **sub["metadata"]}
+    payload: dict[str, Any] = {
+        "domain": sub["domain"],
+        "model": "vlm-1",
+        "batch": True,
+        "callback_url": callback_url,
+        "config": sub["config"],
+        "metadata": metadata,
+    }
+    if sub["kind"] == "image" and sub["url"]:
+        payload["images"] = [sub["url"]]
+    elif sub["url"]:
+        payload["url"] = sub["url"]
+    else:
+        payload["file_id"] = sub["file_id"]
+    return payload
+
+
+def api_error_answer(exc: VlmRunError) -> tuple[int, str]:
+    """Our answer for an API failure. Our own 401 means "wrong admin token", so a refused
+    API key is a 502 that says which setting to fix."""
+    code = exc.status_code
+    if code is None:
+        return 504, exc.reason
+    if code in (402, 429):
+        return code, exc.reason
+    if code in (400, 404, 413, 422):
+        return 422, exc.reason
+    return 502, exc.reason
+
+
+async def _read_submission(request: Request, svc: Services) -> tuple[dict[str, Any], Any]:
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > svc.settings.max_upload_bytes:
+            raise BadRequest(f"upload over {svc.settings.max_upload_bytes} bytes", 413)
+        form = await request.form(max_files=1)
+        upload = form.get("file")
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        return fields, upload if isinstance(upload, UploadFile) else None
+    try:
+        data = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        raise BadRequest("body must be JSON or multipart/form-data") from None
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object", 422)
+    return data, None
+
+
+async def create_job(request: Request) -> Response:
+    if (refusal := admin_refusal(request)) is not None:
+        return refusal
+    svc = services(request)
+    data, upload = await _read_submission(request, svc)
+    sub = validate_submission(data, upload is not None)
+    if upload is not None:
+        content = await upload.read()
+        try:
+            uploaded = await svc.vlmrun.upload(
+                upload.filename or "upload",
+                content,
+                upload.content_type or "application/octet-stream",
+            )
+        except VlmRunError as exc:
+            status, reason = api_error_answer(exc)
+            return error(status, f"upload failed: {reason}")
+        sub["file_id"] = uploaded.get("id")
+        sub["filename"] = upload.filename
+
+    now = svc.clock()
+    token = new_callback_token()
+    job = Job(
+        id=new_id("job"),
+        kind=sub["kind"],
+        domain=sub["domain"],
+        status=SUBMITTING,
+        prediction_id=None,
+        created_at=now,
+        updated_at=now,
+        request={k: v for k, v in sub.items() if v is not None},
+        next_poll_at=now + svc.settings.reconcile_after,
+    )
+    await svc.store.create_job(job, hash_token(token))
+    callback_url = f"{svc.settings.callback_base}/callbacks/vlmrun/{token}"
+    try:
+        prediction = await svc.vlmrun.generate(
+            sub["kind"], generate_payload(svc, sub, callback_url)
+        )
+    except VlmRunError as exc:
+        answer, reason = api_error_answer(exc)
+        # A refusal is final; a timeout or 5xx is ambiguous (the prediction may exist and call
+        # back), so the job stays `submitting` until a callback arrives or its deadline passes.
+        final = exc.status_code is not None and exc.status_code < 500
+        job = await svc.store.set_submitted(
+            job.id, None, SUBMIT_FAILED if final else SUBMITTING, reason, svc.clock()
+        )
+        svc.metrics.submissions.labels("failed" if final else "unknown").inc()
+        log.warning("job.submit_failed", job_id=job.id, status_code=exc.status_code, reason=reason)
+        headers = {"Retry-After": "60"} if answer == 429 else None
+        return JSON({"error": reason, "job": job.to_api()}, status_code=answer, headers=headers)
+    prediction_id = prediction.get("id")
+    pred_status = prediction.get("status") or "pending"
+    job = await svc.store.set_submitted(
+        job.id,
+        prediction_id if isinstance(prediction_id, str) else None,
+        str(pred_status),
+        None,
+        svc.clock(),
+    )
+    svc.metrics.submissions.labels("accepted").inc()
+    log.info("job.submitted", job_id=job.id, prediction_id=prediction_id, domain=job.domain)
+    return JSON(job.to_api(), status_code=201, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+async def list_jobs(request: Request) -> Response:
+    if (refusal := admin_refusal(request)) is not None:
+        return refusal
+    svc = services(request)
+    page = await svc.store.list_jobs(
+        request.query_params.get("status"),
+        request.query_params.get("domain"),
+        int_param(request, "limit", 50, 1, PAGE_MAX),
+        request.query_params.get("cursor"),
+    )
+    return JSON({"items": [j.to_api() for j in page.items], "next_cursor": page.next_cursor})
+
+
+async def get_job(request: Request) -> Response:
+    if (refusal := admin_refusal(request)) is not None:
+        return refusal
+    found = await services(request).store.get_job(request.path_params["job_id"])
+    if found is None:
+        return error(404, "no such job")
+    job, events = found
+    return JSON({**job.to_api(), "events": [e.to_api(with_body=True) for e in events]})

@@ -1,0 +1,143 @@
+"""The store: the single source of truth for jobs, events and the outbox.
+
+Backends are picked by URL scheme (`sqlite:`, `postgresql:`) and import their driver lazily.
+Each backend translates driver errors into `StoreError` / `StoreUnavailable` (chained).
+The protocol is split by concern so each part stays small; a backend implements all of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from receiver.models import Claimed, Delivery, Event, Incoming, Job, RecordResult, Route
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page of a listing, newest first; `next_cursor` fetches the next page (None: last)."""
+
+    items: list[Job] | list[Delivery]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """The outcome of one delivery attempt, as the dispatcher reports it."""
+
+    delivery_id: int
+    attempt: int
+    started_at: float
+    duration_ms: float
+    status_code: int | None
+    error: str | None
+    snippet: str
+    # What happens next: "delivered", "pending" (retry at next_attempt_at) or "dead".
+    state: str
+    next_attempt_at: float
+    lease_until: float  # from the claim: a lost lease makes the outcome a no-op
+    released: bool = False  # handed back unsent (sink paused): no attempt is counted
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Gauges for /metrics, read in one round trip."""
+
+    outbox_due: int
+    oldest_due_age: float
+    dead: int
+    jobs_outstanding: int
+
+
+class JobStore(Protocol):
+    async def create_job(self, job: Job, token_hash: str) -> None: ...
+    async def set_submitted(
+        self, job_id: str, prediction_id: str | None, status: str, error: str | None, now: float
+    ) -> Job: ...
+    async def get_job(self, job_id: str) -> tuple[Job, list[Event]] | None: ...
+    async def list_jobs(
+        self, status: str | None, domain: str | None, limit: int, cursor: str | None
+    ) -> Page: ...
+
+
+class EventStore(Protocol):
+    async def record(self, incoming: Incoming) -> RecordResult:
+        """Record a verified prediction state, idempotently, with its outbox rows, in one commit."""
+        ...
+
+    async def get_event(self, event_id: str) -> Event | None: ...
+
+
+class Outbox(Protocol):
+    async def claim(
+        self, now: float, limit: int, lease_seconds: float, skip_sinks: Sequence[str] = ()
+    ) -> list[Claimed]:
+        """Lease due deliveries, except those of `skip_sinks` (paused or disabled sinks)."""
+        ...
+
+    async def finish(self, attempts: Sequence[Attempt], now: float) -> None:
+        """Record attempts and move each delivery on, in one commit."""
+        ...
+
+    async def requeue(
+        self,
+        now: float,
+        *,
+        delivery_id: int | None = None,
+        event_id: str | None = None,
+        sink: str | None = None,
+        since: float | None = None,
+        only_dead: bool = True,
+    ) -> int:
+        """Put deliveries back in the queue (replay); returns how many."""
+        ...
+
+    async def list_deliveries(
+        self, state: str | None, sink: str | None, limit: int, cursor: str | None
+    ) -> Page: ...
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """Return when new deliveries may be due, or after `timeout` seconds."""
+        ...
+
+
+class Reconciliation(Protocol):
+    async def overdue_jobs(self, now: float, limit: int) -> list[Job]: ...
+    async def schedule_poll(
+        self, job_id: str, next_poll_at: float | None, attempts: int
+    ) -> None: ...
+    async def time_out(self, job_id: str, now: float) -> None: ...
+    async def prune(self, before: float) -> int: ...
+    async def stats(self, now: float) -> Stats: ...
+
+
+class Store(JobStore, EventStore, Outbox, Reconciliation, Protocol):
+    routes: Sequence[Route]
+
+    async def migrate(self) -> int:
+        """Bring the schema up to date; returns the version now in force."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+_BACKENDS = {
+    "sqlite": "receiver.store.sqlite:SqliteStore",
+    "postgresql": "receiver.store.postgres:PostgresStore",
+    "postgres": "receiver.store.postgres:PostgresStore",
+}
+
+
+def open_store(url: str, routes: Sequence[Route] = ()) -> Store:
+    """The backend for `url` (not yet connected: call `migrate()` or any method)."""
+    scheme = url.split(":", 1)[0]
+    module_name, _, class_name = _BACKENDS[scheme].partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    store: Store = cls(url, routes)
+    return store

@@ -1,0 +1,119 @@
+"""The schema and its migrations, one list for both backends.
+
+Each migration is SQL with three placeholders that differ by dialect: `{real}` (epoch seconds),
+`{blob}` (raw bytes) and `{serial}` (auto-increment key). Times are epoch seconds everywhere,
+so comparisons are the same arithmetic in SQLite and PostgreSQL. Append, never edit: the
+`schema_version` table records what has been applied.
+"""
+
+from __future__ import annotations
+
+DIALECTS = {
+    "sqlite": {"real": "REAL", "blob": "BLOB", "serial": "INTEGER PRIMARY KEY AUTOINCREMENT"},
+    "postgres": {"real": "DOUBLE PRECISION", "blob": "BYTEA", "serial": "BIGSERIAL PRIMARY KEY"},
+}
+
+VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    applied_at {real} NOT NULL
+)
+"""
+
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "jobs, predictions, events, outbox",
+        [
+            """
+            CREATE TABLE jobs (
+                id TEXT PRIMARY KEY,
+                token_hash TEXT NOT NULL UNIQUE,
+                kind TEXT NOT NULL,
+                domain TEXT NOT NULL,
+                status TEXT NOT NULL,
+                status_rank INTEGER NOT NULL,
+                prediction_id TEXT,
+                request TEXT NOT NULL,
+                error TEXT,
+                created_at {real} NOT NULL,
+                updated_at {real} NOT NULL,
+                completed_at {real},
+                next_poll_at {real},
+                poll_attempts INTEGER NOT NULL DEFAULT 0
+            )
+            """,
+            "CREATE INDEX jobs_status ON jobs (status, id)",
+            "CREATE INDEX jobs_domain ON jobs (domain, id)",
+            "CREATE INDEX jobs_next_poll ON jobs (next_poll_at) WHERE next_poll_at IS NOT NULL",
+            # One row per prediction id: the API may create two predictions for one submission.
+            """
+            CREATE TABLE predictions (
+                id TEXT PRIMARY KEY,
+                job_id TEXT NOT NULL,
+                status TEXT NOT NULL,
+                status_rank INTEGER NOT NULL,
+                updated_at {real} NOT NULL
+            )
+            """,
+            "CREATE INDEX predictions_job ON predictions (job_id)",
+            # Deduplication rests on this unique key, not on check-then-insert.
+            """
+            CREATE TABLE events (
+                id TEXT PRIMARY KEY,
+                job_id TEXT NOT NULL,
+                prediction_id TEXT NOT NULL,
+                status TEXT NOT NULL,
+                domain TEXT NOT NULL,
+                source TEXT NOT NULL,
+                verification TEXT NOT NULL,
+                received_at {real} NOT NULL,
+                body {blob},
+                UNIQUE (prediction_id, status)
+            )
+            """,
+            "CREATE INDEX events_job ON events (job_id)",
+            "CREATE INDEX events_received ON events (received_at)",
+            """
+            CREATE TABLE deliveries (
+                id {serial},
+                event_id TEXT NOT NULL,
+                sink TEXT NOT NULL,
+                state TEXT NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                next_attempt_at {real} NOT NULL,
+                lease_until {real},
+                last_error TEXT,
+                created_at {real} NOT NULL,
+                updated_at {real} NOT NULL,
+                delivered_at {real},
+                UNIQUE (event_id, sink)
+            )
+            """,
+            "CREATE INDEX deliveries_due ON deliveries (state, next_attempt_at)",
+            "CREATE INDEX deliveries_sink ON deliveries (sink, state)",
+            """
+            CREATE TABLE attempts (
+                id {serial},
+                delivery_id INTEGER NOT NULL,
+                attempt INTEGER NOT NULL,
+                started_at {real} NOT NULL,
+                duration_ms {real} NOT NULL,
+                status_code INTEGER,
+                error TEXT,
+                snippet TEXT
+            )
+            """,
+            "CREATE INDEX attempts_delivery ON attempts (delivery_id)",
+        ],
+    ),
+]
+
+
+def render(sql: str, dialect: str) -> str:
+    return sql.format(**DIALECTS[dialect])
+
+
+def latest_version() -> int:
+    return MIGRATIONS[-1][0]

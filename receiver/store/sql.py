@@ -1,0 +1,487 @@
+"""The store's statements, and the operations built from them over a DB-API connection.
+
+The statements are written once with `?` placeholders and portable SQL (ON CONFLICT,
+RETURNING); the PostgreSQL backend numbers the placeholders (`numbered`) and runs the same
+text. The functions below are the SQLite operations; each runs inside the writer's (or the
+reader's) transaction and never commits on its own.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from receiver.models import (
+    TERMINAL_RANK,
+    TIMED_OUT,
+    Claimed,
+    Delivery,
+    Event,
+    Incoming,
+    Job,
+    Outcome,
+    RecordResult,
+    Route,
+    new_id,
+    status_rank,
+)
+from receiver.store import Attempt, Page, Stats
+
+JOB_COLUMNS = (
+    "id, kind, domain, status, prediction_id, created_at, updated_at, request, error,"
+    " completed_at, next_poll_at, poll_attempts"
+)
+EVENT_COLUMNS = "id, job_id, prediction_id, status, domain, source, verification, received_at, body"
+DELIVERY_COLUMNS = (
+    "id, event_id, sink, state, attempts, next_attempt_at, created_at, updated_at, last_error,"
+    " delivered_at"
+)
+
+INSERT_JOB = f"""
+INSERT INTO jobs ({JOB_COLUMNS}, token_hash, status_rank)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+SET_SUBMITTED = f"""
+UPDATE jobs SET prediction_id = COALESCE(prediction_id, ?),
+    status = CASE WHEN status_rank < ? THEN ? ELSE status END,
+    status_rank = CASE WHEN status_rank < ? THEN ? ELSE status_rank END,
+    error = ?, updated_at = ?,
+    completed_at = CASE WHEN ? >= {TERMINAL_RANK} THEN COALESCE(completed_at, ?)
+        ELSE completed_at END,
+    next_poll_at = CASE WHEN ? >= {TERMINAL_RANK} THEN NULL ELSE next_poll_at END
+WHERE id = ?
+RETURNING {JOB_COLUMNS}
+"""
+JOB_BY_TOKEN = "SELECT id, domain FROM jobs WHERE token_hash = ?"
+JOB_BY_ID = "SELECT id, domain FROM jobs WHERE id = ?"
+PREDICTION = "SELECT job_id, status, status_rank FROM predictions WHERE id = ?"
+INSERT_EVENT = f"""
+INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (prediction_id, status) DO NOTHING
+RETURNING id
+"""
+UPSERT_PREDICTION = """
+INSERT INTO predictions (id, job_id, status, status_rank, updated_at) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET status = excluded.status, status_rank = excluded.status_rank,
+    updated_at = excluded.updated_at
+WHERE predictions.status_rank < excluded.status_rank
+"""
+# A job's status only moves forward; its first prediction id is the one it reports.
+ADVANCE_JOB = f"""
+UPDATE jobs SET status = ?, status_rank = ?, updated_at = ?,
+    prediction_id = COALESCE(prediction_id, ?),
+    completed_at = CASE WHEN ? >= {TERMINAL_RANK} THEN ? ELSE completed_at END,
+    next_poll_at = CASE WHEN ? >= {TERMINAL_RANK} THEN NULL ELSE next_poll_at END
+WHERE id = ? AND status_rank < ?
+"""
+INSERT_DELIVERY = """
+INSERT INTO deliveries (event_id, sink, state, attempts, next_attempt_at, created_at, updated_at)
+VALUES (?, ?, 'pending', 0, ?, ?, ?)
+ON CONFLICT (event_id, sink) DO NOTHING
+"""
+CLAIM = f"""
+UPDATE deliveries SET state = 'leased', lease_until = ?, updated_at = ?
+WHERE id IN (
+    SELECT id FROM deliveries
+    WHERE ((state = 'pending' AND next_attempt_at <= ?) OR (state = 'leased' AND lease_until <= ?))
+      {{skip}}
+    ORDER BY next_attempt_at LIMIT ?
+)
+RETURNING {DELIVERY_COLUMNS}
+"""
+INSERT_ATTEMPT = """
+INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, status_code, error, snippet)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+"""
+# The lease guard: a worker whose lease ran out (and whose row another worker took) cannot
+# overwrite the newer attempt's outcome.
+FINISH = """
+UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, lease_until = NULL,
+    last_error = ?, updated_at = ?,
+    delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END
+WHERE id = ? AND state = 'leased' AND lease_until = ?
+"""
+STATS = """
+SELECT
+  (SELECT COUNT(*) FROM deliveries WHERE state IN ('pending', 'leased') AND next_attempt_at <= ?),
+  (SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ?),
+  (SELECT COUNT(*) FROM deliveries WHERE state = 'dead'),
+  (SELECT COUNT(*) FROM jobs WHERE status_rank < ?)
+"""
+
+_PLACEHOLDER = re.compile(r"\?")
+
+
+def numbered(statement: str) -> str:
+    """`?` placeholders as PostgreSQL's `$1, $2, ...`."""
+    counter = iter(range(1, 10_000))
+    return _PLACEHOLDER.sub(lambda _: f"${next(counter)}", statement)
+
+
+def job_from_row(row: Sequence[Any]) -> Job:
+    return Job(
+        id=row[0],
+        kind=row[1],
+        domain=row[2],
+        status=row[3],
+        prediction_id=row[4],
+        created_at=row[5],
+        updated_at=row[6],
+        request=orjson.loads(row[7]),
+        error=row[8],
+        completed_at=row[9],
+        next_poll_at=row[10],
+        poll_attempts=row[11],
+    )
+
+
+def event_from_row(row: Sequence[Any]) -> Event:
+    i, job, pred, status, domain, source, verification, received_at, body = row
+    return Event(
+        i, job, pred, status, domain, source, verification, received_at, bytes(body or b"null")
+    )
+
+
+def delivery_from_row(row: Sequence[Any]) -> Delivery:
+    return Delivery(*row)
+
+
+def job_params(job: Job, token_hash: str) -> tuple[Any, ...]:
+    return (
+        job.id,
+        job.kind,
+        job.domain,
+        job.status,
+        job.prediction_id,
+        job.created_at,
+        job.updated_at,
+        orjson.dumps(job.request).decode(),
+        job.error,
+        job.completed_at,
+        job.next_poll_at,
+        job.poll_attempts,
+        token_hash,
+        status_rank(job.status),
+    )
+
+
+def submitted_params(
+    job_id: str, prediction_id: str | None, status: str, error: str | None, now: float
+) -> tuple[Any, ...]:
+    rank = status_rank(status)
+    return (prediction_id, rank, status, rank, rank, error, now, rank, now, rank, job_id)
+
+
+def event_params(event: Event) -> tuple[Any, ...]:
+    return (
+        event.id,
+        event.job_id,
+        event.prediction_id,
+        event.status,
+        event.domain,
+        event.source,
+        event.verification,
+        event.received_at,
+        event.body,
+    )
+
+
+def advance_params(event: Event, rank: int) -> tuple[Any, ...]:
+    t = event.received_at
+    return (event.status, rank, t, event.prediction_id, rank, t, rank, event.job_id, rank)
+
+
+def matching_sinks(routes: Sequence[Route], status: str, domain: str) -> tuple[str, ...]:
+    return tuple(r.sink for r in routes if r.matches(status, domain))
+
+
+def judge(job_id: str, incoming: Incoming, known: Sequence[Any] | None) -> Outcome | None:
+    """Decide from the prediction's recorded state alone; None means "try to record it".
+
+    A status at or below the recorded one (other than the same one) is stale: it can never
+    move the prediction backwards. The same status is left to the unique key to call a
+    duplicate, so deduplication holds under concurrency too.
+    """
+    if known is None:
+        return None
+    if known[0] != job_id:
+        return Outcome.CONFLICT
+    if incoming.status != known[1] and status_rank(incoming.status) <= known[2]:
+        return Outcome.STALE
+    return None
+
+
+def new_event(job_id: str, job_domain: str, incoming: Incoming) -> Event:
+    return Event(
+        id=new_id("evt"),
+        job_id=job_id,
+        prediction_id=incoming.prediction_id,
+        status=incoming.status,
+        domain=incoming.domain or job_domain,
+        source=incoming.source,
+        verification=incoming.verification,
+        received_at=incoming.received_at,
+        body=incoming.body,
+    )
+
+
+# -- SQLite operations (run by the writer or reader thread) ---------------------------------
+
+
+def create_job(conn: sqlite3.Connection, job: Job, token_hash: str) -> None:
+    conn.execute(INSERT_JOB, job_params(job, token_hash))
+
+
+def set_submitted(
+    conn: sqlite3.Connection,
+    job_id: str,
+    prediction_id: str | None,
+    status: str,
+    error: str | None,
+    now: float,
+) -> Job:
+    row = conn.execute(
+        SET_SUBMITTED, submitted_params(job_id, prediction_id, status, error, now)
+    ).fetchone()
+    if prediction_id is not None:
+        conn.execute(
+            "INSERT INTO predictions (id, job_id, status, status_rank, updated_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            (prediction_id, job_id, status, status_rank(status), now),
+        )
+    return job_from_row(row)
+
+
+def record(conn: sqlite3.Connection, incoming: Incoming, routes: Sequence[Route]) -> RecordResult:
+    if incoming.token_hash is not None:
+        job = conn.execute(JOB_BY_TOKEN, (incoming.token_hash,)).fetchone()
+    else:
+        job = conn.execute(JOB_BY_ID, (incoming.job_id,)).fetchone()
+    if job is None:
+        return RecordResult(Outcome.UNKNOWN_TOKEN)
+    job_id, job_domain = job
+    verdict = judge(
+        job_id, incoming, conn.execute(PREDICTION, (incoming.prediction_id,)).fetchone()
+    )
+    if verdict is not None:
+        return RecordResult(verdict, job_id)
+    event = new_event(job_id, job_domain, incoming)
+    if conn.execute(INSERT_EVENT, event_params(event)).fetchone() is None:
+        return RecordResult(Outcome.DUPLICATE, job_id)
+    rank = status_rank(event.status)
+    t = event.received_at
+    conn.execute(UPSERT_PREDICTION, (event.prediction_id, job_id, event.status, rank, t))
+    conn.execute(ADVANCE_JOB, advance_params(event, rank))
+    sinks = matching_sinks(routes, event.status, event.domain)
+    if sinks:
+        conn.executemany(INSERT_DELIVERY, [(event.id, s, t, t, t) for s in sinks])
+    return RecordResult(Outcome.RECORDED, job_id, event.id, sinks)
+
+
+def get_job(conn: sqlite3.Connection, job_id: str) -> tuple[Job, list[Event]] | None:
+    row = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        return None
+    events = conn.execute(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = ? ORDER BY received_at, id", (job_id,)
+    ).fetchall()
+    return job_from_row(row), [event_from_row(e) for e in events]
+
+
+def page_query(
+    base: str, filters: dict[str, Any], cursor: Any, limit: int
+) -> tuple[str, list[Any]]:
+    """Keyset pagination, newest first: `WHERE col = ? AND ... AND id < cursor`."""
+    clauses = [f"{col} = ?" for col, value in filters.items() if value is not None]
+    params: list[Any] = [value for value in filters.values() if value is not None]
+    if cursor is not None:
+        clauses.append("id < ?")
+        params.append(cursor)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    params.append(limit + 1)
+    return f"{base}{where} ORDER BY id DESC LIMIT ?", params
+
+
+def list_jobs(
+    conn: sqlite3.Connection, status: str | None, domain: str | None, limit: int, cursor: str | None
+) -> Page:
+    query, params = page_query(
+        f"SELECT {JOB_COLUMNS} FROM jobs", {"status": status, "domain": domain}, cursor, limit
+    )
+    jobs = [job_from_row(r) for r in conn.execute(query, params).fetchall()]
+    return Page(jobs[:limit], jobs[limit - 1].id if len(jobs) > limit else None)
+
+
+def get_event(conn: sqlite3.Connection, event_id: str) -> Event | None:
+    row = conn.execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE id = ?", (event_id,)).fetchone()
+    return event_from_row(row) if row else None
+
+
+def claim_query(skip_sinks: Sequence[str]) -> str:
+    skip = f"AND sink NOT IN ({', '.join('?' * len(skip_sinks))})" if skip_sinks else ""
+    return CLAIM.format(skip=skip)
+
+
+def claim(
+    conn: sqlite3.Connection,
+    now: float,
+    limit: int,
+    lease_seconds: float,
+    skip_sinks: Sequence[str],
+) -> list[Claimed]:
+    lease_until = now + lease_seconds
+    rows = conn.execute(
+        claim_query(skip_sinks), (lease_until, now, now, now, *skip_sinks, limit)
+    ).fetchall()
+    if not rows:
+        return []
+    deliveries = [delivery_from_row(r) for r in rows]
+    ids = sorted({d.event_id for d in deliveries})
+    events = {
+        e.id: e
+        for e in map(
+            event_from_row,
+            conn.execute(
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE id IN ({', '.join('?' * len(ids))})", ids
+            ).fetchall(),
+        )
+    }
+    return [Claimed(d, events[d.event_id], lease_until) for d in deliveries]
+
+
+def finish_params(a: Attempt, now: float) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    attempt_row = (
+        a.delivery_id,
+        a.attempt,
+        a.started_at,
+        a.duration_ms,
+        a.status_code,
+        a.error,
+        a.snippet,
+    )
+    update = (
+        a.state,
+        a.attempt,
+        a.next_attempt_at,
+        a.error,
+        now,
+        a.state,
+        now,
+        a.delivery_id,
+        a.lease_until,
+    )
+    return attempt_row, update
+
+
+def finish(conn: sqlite3.Connection, attempts: Sequence[Attempt], now: float) -> None:
+    rows = [finish_params(a, now) for a in attempts]
+    conn.executemany(
+        INSERT_ATTEMPT, [r[0] for r, a in zip(rows, attempts, strict=True) if not a.released]
+    )
+    conn.executemany(FINISH, [r[1] for r in rows])
+
+
+def requeue_query(
+    delivery_id: int | None,
+    event_id: str | None,
+    sink: str | None,
+    since: float | None,
+    only_dead: bool,
+) -> tuple[str, list[Any]]:
+    clauses, params = [], []
+    for clause, value in (
+        ("id = ?", delivery_id),
+        ("event_id = ?", event_id),
+        ("sink = ?", sink),
+        ("updated_at >= ?", since),
+    ):
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    clauses.append("state = 'dead'" if only_dead else "state IN ('dead', 'delivered', 'pending')")
+    return (
+        "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, updated_at = ?"
+        f" WHERE {' AND '.join(clauses)}",
+        params,
+    )
+
+
+def requeue(
+    conn: sqlite3.Connection,
+    now: float,
+    delivery_id: int | None,
+    event_id: str | None,
+    sink: str | None,
+    since: float | None,
+    only_dead: bool,
+) -> int:
+    query, params = requeue_query(delivery_id, event_id, sink, since, only_dead)
+    count = conn.execute(query, [now, now, *params]).rowcount
+    if event_id is not None and sink is not None and count == 0:
+        # Replaying an event to a sink it never went to (a sink added later).
+        count = conn.execute(INSERT_DELIVERY, (event_id, sink, now, now, now)).rowcount
+    return int(count)
+
+
+def list_deliveries(
+    conn: sqlite3.Connection, state: str | None, sink: str | None, limit: int, cursor: str | None
+) -> Page:
+    query, params = page_query(
+        f"SELECT {DELIVERY_COLUMNS} FROM deliveries",
+        {"state": state, "sink": sink},
+        int(cursor) if cursor else None,
+        limit,
+    )
+    items = [delivery_from_row(r) for r in conn.execute(query, params).fetchall()]
+    return Page(items[:limit], str(items[limit - 1].id) if len(items) > limit else None)
+
+
+OVERDUE = f"""
+SELECT {JOB_COLUMNS} FROM jobs
+WHERE next_poll_at IS NOT NULL AND next_poll_at <= ? AND status_rank < {TERMINAL_RANK}
+ORDER BY next_poll_at LIMIT ?
+"""
+
+
+def overdue_jobs(conn: sqlite3.Connection, now: float, limit: int) -> list[Job]:
+    return [job_from_row(r) for r in conn.execute(OVERDUE, (now, limit)).fetchall()]
+
+
+def schedule_poll(
+    conn: sqlite3.Connection, job_id: str, next_poll_at: float | None, attempts: int
+) -> None:
+    conn.execute(
+        "UPDATE jobs SET next_poll_at = ?, poll_attempts = ? WHERE id = ?",
+        (next_poll_at, attempts, job_id),
+    )
+
+
+def time_out(conn: sqlite3.Connection, job_id: str, now: float) -> None:
+    conn.execute(
+        f"UPDATE jobs SET status = ?, status_rank = {TERMINAL_RANK}, updated_at = ?,"
+        f" next_poll_at = NULL WHERE id = ? AND status_rank < {TERMINAL_RANK}",
+        (TIMED_OUT, now, job_id),
+    )
+
+
+def prune(conn: sqlite3.Connection, before: float) -> int:
+    """Forget what is old and settled: attempts, delivered rows, and payloads nobody awaits."""
+    n = conn.execute("DELETE FROM attempts WHERE started_at < ?", (before,)).rowcount
+    n += conn.execute(
+        "DELETE FROM deliveries WHERE state = 'delivered' AND updated_at < ?", (before,)
+    ).rowcount
+    n += conn.execute(
+        "UPDATE events SET body = NULL WHERE received_at < ? AND body IS NOT NULL AND NOT EXISTS"
+        " (SELECT 1 FROM deliveries d WHERE d.event_id = events.id AND d.state <> 'delivered')",
+        (before,),
+    ).rowcount
+    return int(n)
+
+
+def stats(conn: sqlite3.Connection, now: float) -> Stats:
+    due, oldest, dead, outstanding = conn.execute(STATS, (now, now, TERMINAL_RANK)).fetchone()
+    return Stats(due, max(0.0, now - oldest) if oldest else 0.0, dead, outstanding)
