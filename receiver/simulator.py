@@ -367,7 +367,9 @@ class _Simulator:
                     log.info("simulator.callback.sent", **log_ids, attempt=attempt)
                     return
                 outcome = f"HTTP {answer.status_code}"
-            log.warning("simulator.callback.retry", **log_ids, attempt=attempt, outcome=outcome)
+            log.warning(
+                "simulator.callback.attempt_failed", **log_ids, attempt=attempt, outcome=outcome
+            )
         self.stats["callbacks_failed"] += 1
         log.warning("simulator.callback.failed", **log_ids, attempts=CALLBACK_ATTEMPTS)
 

@@ -205,6 +205,16 @@ async def test_slow_target_times_out_and_is_retried_over_real_sockets() -> None:
     assert app.state.stats["callbacks_sent"] == 1 and app.state.stats["callback_attempts"] == 2
 
 
+async def test_hanging_target_behind_an_asgi_client_is_cut_off_too() -> None:
+    """callback_timeout bounds each attempt even on transports that ignore httpx timeouts."""
+    target = Target(0, 200, hang=5.0)
+    options = dataclasses.replace(FAST, callback_timeout=0.1)
+    async with simulator(options, target) as (app, api):
+        await submit(api, callback_url=CALLBACK_URL)
+        await asyncio.wait_for(settle(app), 2.0)
+    assert len(target.received) == 2 and app.state.stats["callbacks_sent"] == 1
+
+
 async def test_duplicate_rate_posts_the_same_bytes_twice() -> None:
     """At duplicate_rate=1 the terminal callback arrives twice, byte for byte."""
     target = Target()
@@ -373,7 +383,7 @@ async def test_logs_name_the_callback_host_but_never_its_token_or_the_secret() -
             await submit(api, callback_url=CALLBACK_URL)
             await settle(app)
     events = {entry["event"] for entry in logs}
-    assert {"simulator.callback.retry", "simulator.callback.failed"} <= events
+    assert {"simulator.callback.attempt_failed", "simulator.callback.failed"} <= events
     assert all(e.get("host") == "hooks.test" for e in logs if "callback" in e["event"])
     assert TOKEN not in repr(logs) and "whsec-hidden" not in repr(logs)
 

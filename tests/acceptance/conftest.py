@@ -1,0 +1,202 @@
+"""Acceptance tier: real `receiver serve` and `receiver simulate` processes on loopback ports."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import uvicorn
+
+ADMIN_TOKEN = "acceptance-admin-token"
+API_KEY = "sim-api-key"
+WEBHOOK_SECRET = "acceptance-webhook-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+class Process:
+    """A `receiver` subcommand running in the background, its output in a log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, port: int) -> None:
+        self.args, self.env, self.log, self.port = args, env, log, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready_path: str = "/healthz") -> Process:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "receiver", *self.args],
+                env=self.env, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        wait_ready(self.url + ready_path, self.proc, self.log)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc is None:
+            return 0
+        self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.proc = None
+        return code
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def simulator(tmp_path: Path) -> Iterator[Process]:
+    """A VLM Run simulator that signs its callbacks."""
+    port = free_port()
+    proc = Process(
+        ["simulate", "--port", str(port), "--api-key", API_KEY, "--webhook-secret",
+         WEBHOOK_SECRET, "--delay", "0.05"],
+        base_env(), tmp_path / "simulator.log", port,
+    )  # fmt: skip
+    proc.start("/v1/health")
+    yield proc
+    proc.stop()
+
+
+def service_env(tmp_path: Path, simulator: Process, port: int, **extra: str) -> dict[str, str]:
+    return base_env(
+        RECEIVER_DATABASE_URL=f"sqlite:///{tmp_path}/receiver.db",
+        RECEIVER_PORT=str(port),
+        RECEIVER_ADMIN_TOKEN=ADMIN_TOKEN,
+        RECEIVER_VLMRUN_API_KEY=API_KEY,
+        RECEIVER_VLMRUN_BASE_URL=f"{simulator.url}/v1",
+        RECEIVER_VLMRUN_WEBHOOK_SECRETS=WEBHOOK_SECRET,
+        RECEIVER_LOG_FORMAT="json",
+        **extra,
+    )
+
+
+@pytest.fixture
+def service(tmp_path: Path, simulator: Process) -> Iterator[Process]:
+    """`receiver serve` on SQLite, talking to the simulator."""
+    port = free_port()
+    proc = Process(
+        ["serve"], service_env(tmp_path, simulator, port), tmp_path / "service.log", port
+    )
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def admin() -> Iterator[httpx.Client]:
+    with httpx.Client(headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30) as client:
+        yield client
+
+
+class FakeVlmRun:
+    """A scripted VLM Run API (real HTTP, in a thread) that remembers each job's callback URL,
+    so a test can play the API's part exactly: sign and send callbacks itself."""
+
+    def __init__(self) -> None:
+        self.callback_urls: dict[str, str] = {}  # prediction id -> callback URL
+        self.url = ""
+        self._count = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        status, answer = 404, {"detail": "not found"}
+        if scope["method"] == "POST" and scope["path"].endswith("/generate"):
+            self._count += 1
+            pred_id = f"pred_fake_{self._count}"
+            self.callback_urls[pred_id] = orjson.loads(body)["callback_url"]
+            status, answer = 201, {"id": pred_id, "status": "pending", "created_at": "now"}
+        elif scope["method"] == "GET" and scope["path"].startswith("/v1/predictions/"):
+            status, answer = 200, {"id": scope["path"].rsplit("/", 1)[1], "status": "running"}
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": orjson.dumps(answer)})
+
+
+@pytest.fixture
+def fake_vlmrun() -> Iterator[FakeVlmRun]:
+    app = FakeVlmRun()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
+                                           log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    app.url = f"http://127.0.0.1:{port}/v1"
+    yield app
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def signed(body: bytes, secret: str = WEBHOOK_SECRET) -> dict[str, str]:
+    """Headers VLM Run would send with `body` (computed here, not with the service's code)."""
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return {"X-VLMRun-Signature": f"sha256={digest}", "Content-Type": "application/json"}
+
+
+@pytest.fixture
+def scripted_service(tmp_path: Path, fake_vlmrun: FakeVlmRun) -> Iterator[Process]:
+    """`receiver serve` on SQLite, talking to the scripted API (the test sends callbacks)."""
+    port = free_port()
+    env = base_env(
+        RECEIVER_DATABASE_URL=f"sqlite:///{tmp_path}/receiver.db",
+        RECEIVER_PORT=str(port),
+        RECEIVER_ADMIN_TOKEN=ADMIN_TOKEN,
+        RECEIVER_VLMRUN_API_KEY=API_KEY,
+        RECEIVER_VLMRUN_BASE_URL=fake_vlmrun.url,
+        RECEIVER_VLMRUN_WEBHOOK_SECRETS=WEBHOOK_SECRET,
+        RECEIVER_MAX_BODY_BYTES="100000",
+        RECEIVER_LOG_FORMAT="json",
+    )
+    proc = Process(["serve"], env, tmp_path / "service.log", port)
+    proc.start()
+    yield proc
+    proc.stop()
