@@ -19,6 +19,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from receiver import logs
 from receiver.config import Settings, load_sinks
 from receiver.errors import StoreError
 from receiver.logs import redact_path
@@ -51,8 +52,12 @@ class RequestContext:
             (v.decode("latin-1")[:128] for k, v in scope["headers"] if k == b"x-request-id"),
             None,
         ) or new_id("req")
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        logs.reset(request_id=request_id)
+        if scope["path"].startswith("/callbacks/"):
+            # The hot path answers with the id itself and logs its own outcome line.
+            scope.setdefault("state", {})["request_id"] = request_id
+            await self.app(scope, receive, send)
+            return
         start = time.perf_counter()
         status = 500
         header = (b"x-request-id", request_id.encode("latin-1"))
@@ -67,16 +72,14 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            # Callbacks log their own outcome line; everything else gets an access line.
-            if not scope["path"].startswith("/callbacks/"):
-                log.info(
-                    "http.request",
-                    method=scope["method"],
-                    path=redact_path(scope["path"]),
-                    status=status,
-                    client=(scope.get("client") or ("-",))[0],
-                    duration_ms=round((time.perf_counter() - start) * 1000, 2),
-                )
+            log.info(
+                "http.request",
+                method=scope["method"],
+                path=redact_path(scope["path"]),
+                status=status,
+                client=(scope.get("client") or ("-",))[0],
+                duration_ms=round((time.perf_counter() - start) * 1000, 2),
+            )
 
 
 def _vlmrun(settings: Settings, http: httpx.AsyncClient) -> tuple[VlmRunClient, Any]:

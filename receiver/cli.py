@@ -261,9 +261,7 @@ def submit(
                 open_ids = [i for i, j in jobs.items() if j["status"] not in TERMINAL]
                 for job_id in open_ids:
                     jobs[job_id].update(_call(client, "GET", f"/v1/jobs/{job_id}"))
-                progress.update(
-                    task, completed=sum(j["status"] in TERMINAL for j in jobs.values())
-                )
+                progress.update(task, completed=sum(j["status"] in TERMINAL for j in jobs.values()))
                 if all(j["status"] in TERMINAL for j in jobs.values()):
                     break
                 time.sleep(0.5)

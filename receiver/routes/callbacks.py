@@ -44,9 +44,15 @@ async def _read_body(receive: Receive, content_length: int | None, limit: int) -
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _answer(send: Send, status: int, body: dict[str, Any]) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": _JSON_HEADERS})
-    await send({"type": "http.response.body", "body": orjson.dumps(body)})
+async def _answer(send: Send, scope: Scope, status: int, body: dict[str, Any]) -> None:
+    headers = _JSON_HEADERS
+    request_id = scope.get("state", {}).get("request_id")
+    if request_id:
+        headers = [*headers, (b"x-request-id", request_id.encode("latin-1"))]
+    content = orjson.dumps(body)
+    headers = [*headers, (b"content-length", str(len(content)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": content})
 
 
 class CallbackEndpoint:
@@ -56,7 +62,7 @@ class CallbackEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         svc = self.svc
         if scope["method"] != "POST":
-            await _answer(send, 405, {"error": "use POST"})
+            await _answer(send, scope, 405, {"error": "use POST"})
             return
         signature: str | None = None
         content_length: int | None = None
@@ -71,7 +77,9 @@ class CallbackEndpoint:
             prediction = parse_prediction(body)
         except TooLarge:
             svc.metrics.callbacks.labels("too_large").inc()
-            await _answer(send, 413, {"error": f"body over {svc.settings.max_body_bytes} bytes"})
+            await _answer(
+                send, scope, 413, {"error": f"body over {svc.settings.max_body_bytes} bytes"}
+            )
             return
         except ConnectionError:
             return
@@ -81,7 +89,7 @@ class CallbackEndpoint:
             if exc.status == 401:
                 svc.metrics.verification_failures.labels("signature").inc()
                 log.warning("callback.rejected", status=exc.status, reason=exc.reason)
-            await _answer(send, exc.status, {"error": exc.reason})
+            await _answer(send, scope, exc.status, {"error": exc.reason})
             return
 
         incoming = Incoming(
@@ -100,18 +108,18 @@ class CallbackEndpoint:
         except StoreError as exc:
             svc.metrics.callbacks.labels("store_unavailable").inc()
             log.error("callback.store_failed", error=str(exc), prediction_id=prediction.id)
-            await _answer(send, 503, {"error": "store unavailable, retry later"})
+            await _answer(send, scope, 503, {"error": "store unavailable, retry later"})
             return
 
         svc.metrics.callbacks.labels(result.outcome.value).inc()
         if result.outcome is Outcome.UNKNOWN_TOKEN:
             svc.metrics.verification_failures.labels("unknown_token").inc()
             log.warning("callback.unknown_token", prediction_id=prediction.id)
-            await _answer(send, 404, {"error": "no job has this callback URL"})
+            await _answer(send, scope, 404, {"error": "no job has this callback URL"})
             return
         if result.outcome is Outcome.CONFLICT:
             log.warning("callback.conflict", job_id=result.job_id, prediction_id=prediction.id)
-            await _answer(send, 409, {"error": "prediction belongs to another job"})
+            await _answer(send, scope, 409, {"error": "prediction belongs to another job"})
             return
         log.info(
             f"callback.{result.outcome.value}",
@@ -122,6 +130,7 @@ class CallbackEndpoint:
         )
         await _answer(
             send,
+            scope,
             200,
             {"status": result.outcome.value, "event_id": result.event_id, "job_id": result.job_id},
         )

@@ -1,16 +1,26 @@
 """The schema and its migrations, one list for both backends.
 
-Each migration is SQL with three placeholders that differ by dialect: `{real}` (epoch seconds),
-`{blob}` (raw bytes) and `{serial}` (auto-increment key). Times are epoch seconds everywhere,
-so comparisons are the same arithmetic in SQLite and PostgreSQL. Append, never edit: the
-`schema_version` table records what has been applied.
+Each migration is SQL with placeholders that differ by dialect: `{real}` (epoch seconds),
+`{blob}` (raw bytes), `{serial}` (auto-increment key), `{without_rowid}` (small keyed
+tables). Times are epoch seconds everywhere, so comparisons are the same arithmetic in
+SQLite and PostgreSQL. Append, never edit: `schema_version` records what has been applied.
 """
 
 from __future__ import annotations
 
 DIALECTS = {
-    "sqlite": {"real": "REAL", "blob": "BLOB", "serial": "INTEGER PRIMARY KEY AUTOINCREMENT"},
-    "postgres": {"real": "DOUBLE PRECISION", "blob": "BYTEA", "serial": "BIGSERIAL PRIMARY KEY"},
+    "sqlite": {
+        "real": "REAL",
+        "blob": "BLOB",
+        "serial": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "without_rowid": " WITHOUT ROWID",
+    },
+    "postgres": {
+        "real": "DOUBLE PRECISION",
+        "blob": "BYTEA",
+        "serial": "BIGSERIAL PRIMARY KEY",
+        "without_rowid": "",
+    },
 }
 
 VERSION_TABLE = """
@@ -55,9 +65,8 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 status TEXT NOT NULL,
                 status_rank INTEGER NOT NULL,
                 updated_at {real} NOT NULL
-            )
+            ){without_rowid}
             """,
-            "CREATE INDEX predictions_job ON predictions (job_id)",
             # Deduplication rests on this unique key, not on check-then-insert.
             """
             CREATE TABLE events (
@@ -74,7 +83,8 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             )
             """,
             "CREATE INDEX events_job ON events (job_id)",
-            "CREATE INDEX events_received ON events (received_at)",
+            # No index on received_at: only `prune` asks by age, rarely, and every callback
+            # would pay for the index.
             """
             CREATE TABLE deliveries (
                 id {serial},

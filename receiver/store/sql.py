@@ -56,6 +56,13 @@ UPDATE jobs SET prediction_id = COALESCE(prediction_id, ?),
 WHERE id = ?
 RETURNING {JOB_COLUMNS}
 """
+INSERT_PREDICTION = """
+INSERT INTO predictions (id, job_id, status, status_rank, updated_at) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (id) DO NOTHING
+"""
+SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
+SELECT_EVENT = f"SELECT {EVENT_COLUMNS} FROM events WHERE id = ?"
+EVENTS_OF_JOB = f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = ? ORDER BY received_at, id"
 JOB_BY_TOKEN = "SELECT id, domain FROM jobs WHERE token_hash = ?"
 JOB_BY_ID = "SELECT id, domain FROM jobs WHERE id = ?"
 PREDICTION = "SELECT job_id, status, status_rank FROM predictions WHERE id = ?"
@@ -89,7 +96,7 @@ WHERE id IN (
     SELECT id FROM deliveries
     WHERE ((state = 'pending' AND next_attempt_at <= ?) OR (state = 'leased' AND lease_until <= ?))
       {{skip}}
-    ORDER BY next_attempt_at LIMIT ?
+    ORDER BY next_attempt_at LIMIT ? {{lock}}
 )
 RETURNING {DELIVERY_COLUMNS}
 """
@@ -105,6 +112,11 @@ UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, lease_until 
     delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END
 WHERE id = ? AND state = 'leased' AND lease_until = ?
 """
+SCHEDULE_POLL = "UPDATE jobs SET next_poll_at = ?, poll_attempts = ? WHERE id = ?"
+TIME_OUT = (
+    f"UPDATE jobs SET status = ?, status_rank = {TERMINAL_RANK}, updated_at = ?,"
+    f" next_poll_at = NULL WHERE id = ? AND status_rank < {TERMINAL_RANK}"
+)
 STATS = """
 SELECT
   (SELECT COUNT(*) FROM deliveries WHERE state IN ('pending', 'leased') AND next_attempt_at <= ?),
@@ -248,11 +260,7 @@ def set_submitted(
         SET_SUBMITTED, submitted_params(job_id, prediction_id, status, error, now)
     ).fetchone()
     if prediction_id is not None:
-        conn.execute(
-            "INSERT INTO predictions (id, job_id, status, status_rank, updated_at)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-            (prediction_id, job_id, status, status_rank(status), now),
-        )
+        conn.execute(INSERT_PREDICTION, (prediction_id, job_id, status, status_rank(status), now))
     return job_from_row(row)
 
 
@@ -283,12 +291,10 @@ def record(conn: sqlite3.Connection, incoming: Incoming, routes: Sequence[Route]
 
 
 def get_job(conn: sqlite3.Connection, job_id: str) -> tuple[Job, list[Event]] | None:
-    row = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    row = conn.execute(SELECT_JOB, (job_id,)).fetchone()
     if row is None:
         return None
-    events = conn.execute(
-        f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = ? ORDER BY received_at, id", (job_id,)
-    ).fetchall()
+    events = conn.execute(EVENTS_OF_JOB, (job_id,)).fetchall()
     return job_from_row(row), [event_from_row(e) for e in events]
 
 
@@ -317,13 +323,15 @@ def list_jobs(
 
 
 def get_event(conn: sqlite3.Connection, event_id: str) -> Event | None:
-    row = conn.execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE id = ?", (event_id,)).fetchone()
+    row = conn.execute(SELECT_EVENT, (event_id,)).fetchone()
     return event_from_row(row) if row else None
 
 
-def claim_query(skip_sinks: Sequence[str]) -> str:
+def claim_query(skip_sinks: Sequence[str], lock: str = "") -> str:
+    """CLAIM without the rows of `skip_sinks`; `lock` locks the candidates (PostgreSQL:
+    "FOR UPDATE SKIP LOCKED"; SQLite needs none, its writer is the only one)."""
     skip = f"AND sink NOT IN ({', '.join('?' * len(skip_sinks))})" if skip_sinks else ""
-    return CLAIM.format(skip=skip)
+    return CLAIM.format(skip=skip, lock=lock)
 
 
 def claim(
@@ -454,18 +462,11 @@ def overdue_jobs(conn: sqlite3.Connection, now: float, limit: int) -> list[Job]:
 def schedule_poll(
     conn: sqlite3.Connection, job_id: str, next_poll_at: float | None, attempts: int
 ) -> None:
-    conn.execute(
-        "UPDATE jobs SET next_poll_at = ?, poll_attempts = ? WHERE id = ?",
-        (next_poll_at, attempts, job_id),
-    )
+    conn.execute(SCHEDULE_POLL, (next_poll_at, attempts, job_id))
 
 
 def time_out(conn: sqlite3.Connection, job_id: str, now: float) -> None:
-    conn.execute(
-        f"UPDATE jobs SET status = ?, status_rank = {TERMINAL_RANK}, updated_at = ?,"
-        f" next_poll_at = NULL WHERE id = ? AND status_rank < {TERMINAL_RANK}",
-        (TIMED_OUT, now, job_id),
-    )
+    conn.execute(TIME_OUT, (TIMED_OUT, now, job_id))
 
 
 def prune(conn: sqlite3.Connection, before: float) -> int:

@@ -1,0 +1,230 @@
+"""Callback ingest rate: the service (one uvicorn worker, commit before 2xx) against a bare
+Starlette endpoint, with the same stream of distinct signed callbacks at 64 connections.
+
+    python bench/ingest.py [--seconds 10] [--connections 64] [--database-url postgresql://...]
+
+Load comes from wrk (Debian package `wrk`, installed if missing), so the client is not the
+bottleneck. Each request is a different prediction for a different job, signed as VLM Run
+signs. Afterwards the store is read back: every callback acknowledged with a 2xx must be there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from receiver.models import Job, hash_token, new_callback_token, new_id  # noqa: E402
+from receiver.store import open_store  # noqa: E402
+
+SECRET = "bench-webhook-secret"
+LUA = r"""
+-- Each wrk thread walks its own slice of the request file, so no request is sent twice.
+local requests, counter = {}, 0
+local threads = {}
+function setup(thread)
+  thread:set("tid", #threads)
+  table.insert(threads, thread)
+end
+function init(args)
+  local nthreads = tonumber(args[2])
+  local i = 0
+  for line in io.lines(args[1]) do
+    if i % nthreads == tid then
+      local path, sig, body = line:match("^(%S+)\t(%S+)\t(.*)$")
+      table.insert(requests, wrk.format("POST", path,
+        {["Content-Type"] = "application/json", ["X-VLMRun-Signature"] = sig}, body))
+    end
+    i = i + 1
+  end
+end
+function request()
+  counter = counter + 1
+  if counter > #requests then counter = 1 end
+  return requests[counter]
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    print("installing wrk (apt-get) ...", file=sys.stderr)
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True)
+    return shutil.which("wrk") or sys.exit("wrk is not available: apt-get install wrk")
+
+
+async def make_jobs(url: str, n: int) -> list[str]:
+    """n jobs in the store; returns their callback tokens."""
+    store = open_store(url)
+    await store.migrate()
+    tokens = [new_callback_token() for _ in range(n)]
+    now = time.time()
+
+    async def one(token: str) -> None:
+        job = Job(new_id("job"), "document", "document.invoice", "pending", None, now, now,
+                  next_poll_at=now + 86400)  # fmt: skip
+        await store.create_job(job, hash_token(token))
+
+    for i in range(0, n, 2000):
+        await asyncio.gather(*(one(t) for t in tokens[i : i + 2000]))
+    await store.close()
+    return tokens
+
+
+async def count_events(url: str) -> int:
+    """Events in the store, read straight from the database after the service has stopped."""
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval("SELECT COUNT(*) FROM events"))
+    finally:
+        await conn.close()
+
+
+def write_requests(path: Path, tokens: list[str]) -> None:
+    with path.open("w") as out:
+        for i, token in enumerate(tokens):
+            body = orjson.dumps({
+                "id": f"pred_bench_{i}", "status": "completed", "domain": "document.invoice",
+                "created_at": "2026-11-24T08:00:00Z", "completed_at": "2026-11-24T08:00:09Z",
+                "response": {"invoice_id": f"INV-{i}", "issuer_name": "Acme GmbH",
+                             "total_amount": 1234.5, "currency": "EUR",
+                             "items": [{"description": "Widget", "quantity": 3, "unit_price": 411.5}]},
+                "usage": {"elements_processed": 1, "element_type": "page", "credits_used": 1},
+            })  # fmt: skip
+            sig = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+            out.write(f"/callbacks/vlmrun/{token}\t{sig}\t{body.decode()}\n")
+
+
+def wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(400):
+        if proc.poll() is not None:
+            sys.exit(f"server exited with {proc.returncode}")
+        try:
+            httpx.get(url, timeout=0.5)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    sys.exit(f"{url} did not come up")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(wrk: str, port: int, script: Path, reqs: Path, seconds: int, conns: int) -> dict[str, float]:
+    out = subprocess.run(
+        [wrk, "-t2", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", "10s",
+         "-s", str(script), f"http://127.0.0.1:{port}", "--", str(reqs), "2"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+
+    def ms(label: str) -> float:
+        m = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return float("nan")
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {
+        "rate": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50": ms("50%"), "p99": ms("99%"), "total": total,
+        "non2xx": int(non2xx.group(1)) if non2xx else 0,
+        "errors": sum(int(x) for x in errors.groups()) if errors else 0,
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--callbacks", type=int, default=150_000, help="distinct callbacks prepared")
+    ap.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
+    args = ap.parse_args()
+    wrk = ensure_wrk()
+    tmp = Path(tempfile.mkdtemp(prefix="receiver-bench-"))
+    url = args.database_url or f"sqlite:///{tmp}/bench.db"
+    print(f"preparing {args.callbacks} jobs and signed callbacks in {url.split('@')[-1]} ...")
+    tokens = asyncio.run(make_jobs(url, args.callbacks))
+    reqs, script = tmp / "requests.tsv", tmp / "stream.lua"
+    write_requests(reqs, tokens)
+    script.write_text(LUA)
+
+    results = {}
+    for name in ("bare", "service"):
+        port = free_port()
+        if name == "bare":
+            cmd = [sys.executable, str(ROOT / "bench" / "bare.py"), str(port)]
+            env = dict(os.environ)
+        else:
+            cmd = [sys.executable, "-m", "receiver", "serve", "--port", str(port)]
+            env = {**os.environ, "RECEIVER_DATABASE_URL": url, "RECEIVER_LOG_FORMAT": "json", "RECEIVER_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "info"),
+                   "RECEIVER_VLMRUN_WEBHOOK_SECRETS": SECRET, "RECEIVER_VLMRUN_API_KEY": "unused"}  # fmt: skip
+        with (tmp / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=ROOT)
+        try:
+            wait_up(f"http://127.0.0.1:{port}/healthz", proc)
+            cpu = cpu_seconds(proc.pid)
+            results[name] = run_wrk(wrk, port, script, reqs, args.seconds, args.connections)
+            results[name]["cpu"] = (cpu_seconds(proc.pid) - cpu) / args.seconds
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    print(f"\n{'':10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>10}{'errors':>8}"
+          f"{'CPU':>8}")  # fmt: skip
+    for name, r in results.items():
+        print(f"{name:10}{r['rate']:>10.0f}{r['p50']:>10.2f}{r['p99']:>10.2f}"
+              f"{r['non2xx']:>10}{r['errors']:>8}{r['cpu']:>8.0%}")  # fmt: skip
+    ratio = results["service"]["rate"] / results["bare"]["rate"]
+    print(f"\nratio service/bare: {ratio:.2f}  (target >= 0.6)")
+    svc = results["service"]
+    acknowledged = svc["total"] - svc["non2xx"]
+    if svc["total"] > args.callbacks:
+        print(f"warning: {svc['total']} requests > {args.callbacks} prepared: some were repeats")
+    events = asyncio.run(count_events(url))
+    missing = max(0, acknowledged - events)
+    print(f"acknowledged with 2xx: {acknowledged}; events in the store: {events}; missing: {missing}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if missing:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

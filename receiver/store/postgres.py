@@ -1,0 +1,381 @@
+"""PostgreSQL backend (asyncpg): the scale-out store, shared by any number of processes.
+
+The statements are those of `receiver.store.sql`, numbered for PostgreSQL, so both backends
+run the same SQL and map rows with the same helpers. What differs is concurrency: several
+processes write at once here, so
+
+- `record()` locks the job row before judging a callback, which serialises the decisions
+  about one job's predictions (dedupe itself still rests on the events' unique key);
+- `claim()` picks rows with `FOR UPDATE SKIP LOCKED`: workers never wait for, nor share, a row;
+- writes that make work due `NOTIFY receiver_outbox` inside their transaction (delivered on
+  commit), and `wait_for_work()` listens on a connection of its own;
+- `migrate()` runs under an advisory lock, so replicas starting together apply it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import structlog
+
+from receiver.errors import StoreError, StoreUnavailable
+from receiver.models import (
+    TERMINAL_RANK,
+    TIMED_OUT,
+    Claimed,
+    Event,
+    Incoming,
+    Job,
+    Outcome,
+    RecordResult,
+    Route,
+    status_rank,
+)
+from receiver.store import Attempt, Page, Stats, sql
+from receiver.store.schema import MIGRATIONS, VERSION_TABLE, render
+
+log = structlog.get_logger(__name__)
+
+CHANNEL = "receiver_outbox"
+_NOTIFY = f"NOTIFY {CHANNEL}"
+_MIGRATE_LOCK = 0x7265636569766572  # "receiver": one key for every process sharing the database
+_PRUNE_BATCH = 1000
+_CONNECT_TIMEOUT = 10.0
+
+# Errors that mean "the database cannot be reached right now": callers answer 503 and retry.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+)
+
+# `?` -> `$n` once per distinct statement (the dynamic ones have a handful of shapes each).
+_pg = functools.cache(sql.numbered)
+
+# The job row is locked for the whole of record(): a prediction's row does not exist before
+# its first callback, so only the job's row can order "running" and "completed" arriving at once.
+_JOB_BY_TOKEN = _pg(sql.JOB_BY_TOKEN + " FOR UPDATE")
+_JOB_BY_ID = _pg(sql.JOB_BY_ID + " FOR UPDATE")
+_APPLIED = "INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, $3)"
+_EVENTS_BY_IDS = f"SELECT {sql.EVENT_COLUMNS} FROM events WHERE id = ANY($1::text[])"
+# Housekeeping in bounded batches, so no statement holds many row locks for long; rows locked
+# by a worker right now are skipped and left for the next prune.
+_PRUNE = (
+    "DELETE FROM attempts WHERE id IN (SELECT id FROM attempts WHERE started_at < $1"
+    " LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries WHERE state = 'delivered'"
+    " AND updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    "UPDATE events SET body = NULL WHERE id IN (SELECT id FROM events WHERE received_at < $1"
+    " AND body IS NOT NULL AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id ="
+    " events.id AND d.state <> 'delivered') LIMIT $2 FOR UPDATE SKIP LOCKED)",
+)
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """Driver errors as the project's own, chained (`from exc`)."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailable(f"postgres: {type(exc).__name__}: {exc}") from exc
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise StoreError(f"postgres: {type(exc).__name__}: {exc}") from exc
+
+
+def _count(status: str) -> int:
+    """Rows touched, from a command tag such as "UPDATE 3" or "INSERT 0 1"."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def redacted(url: str) -> str:
+    """The URL with its password masked: the only form of it fit for logs and reprs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class PostgresStore:
+    """`postgresql://user:password@host:port/db` (or `postgres://`); connects on first use."""
+
+    def __init__(self, url: str, routes: Sequence[Route] = (), pool_size: int = 10) -> None:
+        self.url = url
+        self.routes = tuple(routes)
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
+        self._listener: asyncpg.Connection | None = None
+        self._work = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({redacted(self.url)!r})"
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _get_pool(self) -> asyncpg.Pool:
+        async with self._pool_lock:
+            if self._pool is None:
+                with _translated():
+                    self._pool = await asyncpg.create_pool(
+                        self.url, min_size=1, max_size=self._pool_size, timeout=_CONNECT_TIMEOUT
+                    )
+            return self._pool
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; each statement commits on its own."""
+        pool = self._pool if self._pool is not None else await self._get_pool()
+        with _translated():
+            async with pool.acquire() as conn:
+                yield conn
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection inside a transaction (READ COMMITTED), committed on exit."""
+        async with self._conn() as conn, conn.transaction():
+            yield conn
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close(timeout=5)
+            self._listener = None
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except TimeoutError:
+                pool.terminate()  # a connection still checked out: do not hang on shutdown
+
+    async def ping(self) -> None:
+        async with self._conn() as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def migrate(self) -> int:
+        async with self._tx() as conn:
+            # Held until commit: a second process waits here, then finds nothing left to do.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
+            await conn.execute(render(VERSION_TABLE, "postgres"))
+            current = int(
+                await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            )
+            for version, name, statements in MIGRATIONS:
+                if version > current:
+                    for statement in statements:
+                        await conn.execute(render(statement, "postgres"))
+                    await conn.execute(_APPLIED, version, name, time.time())
+                    current = version
+            return current
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    async def create_job(self, job: Job, token_hash: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute(_pg(sql.INSERT_JOB), *sql.job_params(job, token_hash))
+
+    async def set_submitted(
+        self, job_id: str, prediction_id: str | None, status: str, error: str | None, now: float
+    ) -> Job:
+        params = sql.submitted_params(job_id, prediction_id, status, error, now)
+        async with self._tx() as conn:
+            row = await conn.fetchrow(_pg(sql.SET_SUBMITTED), *params)
+            if prediction_id is not None:
+                await conn.execute(
+                    _pg(sql.INSERT_PREDICTION),
+                    *(prediction_id, job_id, status, status_rank(status), now),
+                )
+        return sql.job_from_row(row)
+
+    async def get_job(self, job_id: str) -> tuple[Job, list[Event]] | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(_pg(sql.SELECT_JOB), job_id)
+            if row is None:
+                return None
+            events = await conn.fetch(_pg(sql.EVENTS_OF_JOB), job_id)
+        return sql.job_from_row(row), [sql.event_from_row(e) for e in events]
+
+    async def list_jobs(
+        self, status: str | None, domain: str | None, limit: int, cursor: str | None
+    ) -> Page:
+        query, params = sql.page_query(
+            f"SELECT {sql.JOB_COLUMNS} FROM jobs",
+            {"status": status, "domain": domain},
+            cursor,
+            limit,
+        )
+        async with self._conn() as conn:
+            jobs = [sql.job_from_row(r) for r in await conn.fetch(_pg(query), *params)]
+        return Page(jobs[:limit], jobs[limit - 1].id if len(jobs) > limit else None)
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def record(self, incoming: Incoming) -> RecordResult:
+        async with self._tx() as conn:
+            if incoming.token_hash is not None:
+                job = await conn.fetchrow(_JOB_BY_TOKEN, incoming.token_hash)
+            else:
+                job = await conn.fetchrow(_JOB_BY_ID, incoming.job_id)
+            if job is None:
+                return RecordResult(Outcome.UNKNOWN_TOKEN)
+            job_id, job_domain = job
+            known = await conn.fetchrow(_pg(sql.PREDICTION), incoming.prediction_id)
+            verdict = sql.judge(job_id, incoming, known)
+            if verdict is not None:
+                return RecordResult(verdict, job_id)
+            event = sql.new_event(job_id, job_domain, incoming)
+            if await conn.fetchval(_pg(sql.INSERT_EVENT), *sql.event_params(event)) is None:
+                return RecordResult(Outcome.DUPLICATE, job_id)
+            rank = status_rank(event.status)
+            t = event.received_at
+            await conn.execute(
+                _pg(sql.UPSERT_PREDICTION), event.prediction_id, job_id, event.status, rank, t
+            )
+            await conn.execute(_pg(sql.ADVANCE_JOB), *sql.advance_params(event, rank))
+            sinks = sql.matching_sinks(self.routes, event.status, event.domain)
+            if sinks:
+                await conn.executemany(
+                    _pg(sql.INSERT_DELIVERY), [(event.id, s, t, t, t) for s in sinks]
+                )
+                await conn.execute(_NOTIFY)
+        return RecordResult(Outcome.RECORDED, job_id, event.id, sinks)
+
+    async def get_event(self, event_id: str) -> Event | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(_pg(sql.SELECT_EVENT), event_id)
+        return sql.event_from_row(row) if row else None
+
+    # -- outbox ------------------------------------------------------------------------------
+
+    async def claim(
+        self, now: float, limit: int, lease_seconds: float, skip_sinks: Sequence[str] = ()
+    ) -> list[Claimed]:
+        lease_until = now + lease_seconds
+        query = _pg(sql.claim_query(skip_sinks, lock="FOR UPDATE SKIP LOCKED"))
+        async with self._conn() as conn:
+            # One statement, committed on its own: the lease is the lock from here on.
+            rows = await conn.fetch(query, lease_until, now, now, now, *skip_sinks, limit)
+            if not rows:
+                return []
+            deliveries = [sql.delivery_from_row(r) for r in rows]
+            found = await conn.fetch(_EVENTS_BY_IDS, sorted({d.event_id for d in deliveries}))
+        events = {e.id: e for e in map(sql.event_from_row, found)}
+        deliveries.sort(key=lambda d: d.next_attempt_at)  # RETURNING keeps no order
+        return [Claimed(d, events[d.event_id], lease_until) for d in deliveries]
+
+    async def finish(self, attempts: Sequence[Attempt], now: float) -> None:
+        # In id order, so two transactions finishing overlapping rows cannot deadlock.
+        ordered = sorted(attempts, key=lambda a: a.delivery_id)
+        rows = [sql.finish_params(a, now) for a in ordered]
+        tried = [r[0] for r, a in zip(rows, ordered, strict=True) if not a.released]
+        async with self._tx() as conn:
+            if tried:
+                await conn.executemany(_pg(sql.INSERT_ATTEMPT), tried)
+            await conn.executemany(_pg(sql.FINISH), [r[1] for r in rows])
+            if any(a.state == "pending" for a in ordered):
+                await conn.execute(_NOTIFY)
+
+    async def requeue(
+        self,
+        now: float,
+        *,
+        delivery_id: int | None = None,
+        event_id: str | None = None,
+        sink: str | None = None,
+        since: float | None = None,
+        only_dead: bool = True,
+    ) -> int:
+        query, params = sql.requeue_query(delivery_id, event_id, sink, since, only_dead)
+        async with self._tx() as conn:
+            count = _count(await conn.execute(_pg(query), now, now, *params))
+            if event_id is not None and sink is not None and count == 0:
+                # Replaying an event to a sink it never went to (a sink added later).
+                status = await conn.execute(_pg(sql.INSERT_DELIVERY), event_id, sink, now, now, now)
+                count = _count(status)
+            if count:
+                await conn.execute(_NOTIFY)
+        return count
+
+    async def list_deliveries(
+        self, state: str | None, sink: str | None, limit: int, cursor: str | None
+    ) -> Page:
+        query, params = sql.page_query(
+            f"SELECT {sql.DELIVERY_COLUMNS} FROM deliveries",
+            {"state": state, "sink": sink},
+            int(cursor) if cursor else None,
+            limit,
+        )
+        async with self._conn() as conn:
+            items = [sql.delivery_from_row(r) for r in await conn.fetch(_pg(query), *params)]
+        return Page(items[:limit], str(items[limit - 1].id) if len(items) > limit else None)
+
+    async def wait_for_work(self, timeout: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        await self._listen(min(timeout, _CONNECT_TIMEOUT))
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._work.wait(), remaining)
+        self._work.clear()
+
+    async def _listen(self, connect_timeout: float) -> None:
+        """Keep a LISTEN connection open; without one, waits simply run to their timeout."""
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        self._listener = None
+        conn: asyncpg.Connection | None = None
+        try:
+            conn = await asyncpg.connect(self.url, timeout=max(connect_timeout, 0.1))
+            await conn.add_listener(CHANNEL, self._on_notify)
+        except (*_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("store.listen_failed", error=f"{type(exc).__name__}: {exc}")
+            if conn is not None:
+                conn.terminate()
+            return
+        self._listener = conn
+        # Whatever was notified while nobody listened is lost: have the caller look once.
+        self._work.set()
+
+    def _on_notify(self, *_: Any) -> None:
+        self._work.set()
+
+    # -- reconciliation and upkeep -----------------------------------------------------------
+
+    async def overdue_jobs(self, now: float, limit: int) -> list[Job]:
+        async with self._conn() as conn:
+            return [sql.job_from_row(r) for r in await conn.fetch(_pg(sql.OVERDUE), now, limit)]
+
+    async def schedule_poll(self, job_id: str, next_poll_at: float | None, attempts: int) -> None:
+        async with self._conn() as conn:
+            await conn.execute(_pg(sql.SCHEDULE_POLL), next_poll_at, attempts, job_id)
+
+    async def time_out(self, job_id: str, now: float) -> None:
+        async with self._conn() as conn:
+            await conn.execute(_pg(sql.TIME_OUT), TIMED_OUT, now, job_id)
+
+    async def prune(self, before: float) -> int:
+        """Forget what is old and settled: attempts, delivered rows, and payloads nobody awaits."""
+        total = 0
+        async with self._conn() as conn:
+            for statement in _PRUNE:  # in this order: deleted deliveries free their payloads
+                while True:
+                    n = _count(await conn.execute(statement, before, _PRUNE_BATCH))
+                    total += n
+                    if n < _PRUNE_BATCH:
+                        break
+        return total
+
+    async def stats(self, now: float) -> Stats:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(_pg(sql.STATS), now, now, TERMINAL_RANK)
+        due, oldest, dead, outstanding = row
+        return Stats(due, max(0.0, now - oldest) if oldest else 0.0, dead, outstanding)
