@@ -86,8 +86,16 @@ async def make_jobs(url: str, n: int) -> list[str]:
     now = time.time()
 
     async def one(token: str) -> None:
-        job = Job(new_id("job"), "document", "document.invoice", "pending", None, now, now,
-                  next_poll_at=now + 86400)  # fmt: skip
+        job = Job(
+            new_id("job"),
+            "document",
+            "document.invoice",
+            "pending",
+            None,
+            now,
+            now,
+            next_poll_at=now + 86400,
+        )
         await store.create_job(job, hash_token(token))
 
     for i in range(0, n, 2000):
@@ -115,14 +123,23 @@ async def count_events(url: str) -> int:
 def write_requests(path: Path, tokens: list[str]) -> None:
     with path.open("w") as out:
         for i, token in enumerate(tokens):
-            body = orjson.dumps({
-                "id": f"pred_bench_{i}", "status": "completed", "domain": "document.invoice",
-                "created_at": "2026-11-24T08:00:00Z", "completed_at": "2026-11-24T08:00:09Z",
-                "response": {"invoice_id": f"INV-{i}", "issuer_name": "Acme GmbH",
-                             "total_amount": 1234.5, "currency": "EUR",
-                             "items": [{"description": "Widget", "quantity": 3, "unit_price": 411.5}]},
-                "usage": {"elements_processed": 1, "element_type": "page", "credits_used": 1},
-            })  # fmt: skip
+            body = orjson.dumps(
+                {
+                    "id": f"pred_bench_{i}",
+                    "status": "completed",
+                    "domain": "document.invoice",
+                    "created_at": "2026-11-24T08:00:00Z",
+                    "completed_at": "2026-11-24T08:00:09Z",
+                    "response": {
+                        "invoice_id": f"INV-{i}",
+                        "issuer_name": "Acme GmbH",
+                        "total_amount": 1234.5,
+                        "currency": "EUR",
+                        "items": [{"description": "Widget", "quantity": 3, "unit_price": 411.5}],
+                    },
+                    "usage": {"elements_processed": 1, "element_type": "page", "credits_used": 1},
+                }
+            )
             sig = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
             out.write(f"/callbacks/vlmrun/{token}\t{sig}\t{body.decode()}\n")
 
@@ -145,12 +162,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_wrk(wrk: str, port: int, script: Path, reqs: Path, seconds: int, conns: int) -> dict[str, float]:
+def run_wrk(
+    wrk: str, port: int, script: Path, reqs: Path, seconds: int, conns: int
+) -> dict[str, float]:
     out = subprocess.run(
-        [wrk, "-t2", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", "10s",
-         "-s", str(script), f"http://127.0.0.1:{port}", "--", str(reqs), "2"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        [
+            wrk,
+            "-t2",
+            f"-c{conns}",
+            f"-d{seconds}s",
+            "--latency",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            f"http://127.0.0.1:{port}",
+            "--",
+            str(reqs),
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
     def ms(label: str) -> float:
         m = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
@@ -164,10 +198,12 @@ def run_wrk(wrk: str, port: int, script: Path, reqs: Path, seconds: int, conns: 
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     return {
         "rate": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-        "p50": ms("50%"), "p99": ms("99%"), "total": total,
+        "p50": ms("50%"),
+        "p99": ms("99%"),
+        "total": total,
         "non2xx": int(non2xx.group(1)) if non2xx else 0,
         "errors": sum(int(x) for x in errors.groups()) if errors else 0,
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -194,8 +230,14 @@ def main() -> None:
             env = dict(os.environ)
         else:
             cmd = [sys.executable, "-m", "receiver", "serve", "--port", str(port)]
-            env = {**os.environ, "RECEIVER_DATABASE_URL": url, "RECEIVER_LOG_FORMAT": "json", "RECEIVER_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "info"),
-                   "RECEIVER_VLMRUN_WEBHOOK_SECRETS": SECRET, "RECEIVER_VLMRUN_API_KEY": "unused"}  # fmt: skip
+            env = {
+                **os.environ,
+                "RECEIVER_DATABASE_URL": url,
+                "RECEIVER_LOG_FORMAT": "json",
+                "RECEIVER_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "info"),
+                "RECEIVER_VLMRUN_WEBHOOK_SECRETS": SECRET,
+                "RECEIVER_VLMRUN_API_KEY": "unused",
+            }
         with (tmp / f"{name}.log").open("wb") as log:
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=ROOT)
         try:
@@ -207,11 +249,14 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
 
-    print(f"\n{'':10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>10}{'errors':>8}"
-          f"{'CPU':>8}")  # fmt: skip
+    print(
+        f"\n{'':10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>10}{'errors':>8}{'CPU':>8}"
+    )
     for name, r in results.items():
-        print(f"{name:10}{r['rate']:>10.0f}{r['p50']:>10.2f}{r['p99']:>10.2f}"
-              f"{r['non2xx']:>10}{r['errors']:>8}{r['cpu']:>8.0%}")  # fmt: skip
+        print(
+            f"{name:10}{r['rate']:>10.0f}{r['p50']:>10.2f}{r['p99']:>10.2f}"
+            f"{r['non2xx']:>10}{r['errors']:>8}{r['cpu']:>8.0%}"
+        )
     ratio = results["service"]["rate"] / results["bare"]["rate"]
     print(f"\nratio service/bare: {ratio:.2f}  (target >= 0.6)")
     svc = results["service"]
@@ -220,7 +265,9 @@ def main() -> None:
         print(f"warning: {svc['total']} requests > {args.callbacks} prepared: some were repeats")
     events = asyncio.run(count_events(url))
     missing = max(0, acknowledged - events)
-    print(f"acknowledged with 2xx: {acknowledged}; events in the store: {events}; missing: {missing}")
+    print(
+        f"acknowledged with 2xx: {acknowledged}; events in the store: {events}; missing: {missing}"
+    )
     shutil.rmtree(tmp, ignore_errors=True)
     if missing:
         sys.exit(1)

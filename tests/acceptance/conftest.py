@@ -57,8 +57,10 @@ class Process:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "receiver", *self.args],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         wait_ready(self.url + ready_path, self.proc, self.log)
         return self
 
@@ -89,10 +91,21 @@ def simulator(tmp_path: Path) -> Iterator[Process]:
     """A VLM Run simulator that signs its callbacks."""
     port = free_port()
     proc = Process(
-        ["simulate", "--port", str(port), "--api-key", API_KEY, "--webhook-secret",
-         WEBHOOK_SECRET, "--delay", "0.05"],
-        base_env(), tmp_path / "simulator.log", port,
-    )  # fmt: skip
+        [
+            "simulate",
+            "--port",
+            str(port),
+            "--api-key",
+            API_KEY,
+            "--webhook-secret",
+            WEBHOOK_SECRET,
+            "--delay",
+            "0.05",
+        ],
+        base_env(),
+        tmp_path / "simulator.log",
+        port,
+    )
     proc.start("/v1/health")
     yield proc
     proc.stop()
@@ -155,8 +168,13 @@ class FakeVlmRun:
             status, answer = 201, {"id": pred_id, "status": "pending", "created_at": "now"}
         elif scope["method"] == "GET" and scope["path"].startswith("/v1/predictions/"):
             status, answer = 200, {"id": scope["path"].rsplit("/", 1)[1], "status": "running"}
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
         await send({"type": "http.response.body", "body": orjson.dumps(answer)})
 
 
@@ -164,8 +182,9 @@ class FakeVlmRun:
 def fake_vlmrun() -> Iterator[FakeVlmRun]:
     app = FakeVlmRun()
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
-                                           log_level="warning"))  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

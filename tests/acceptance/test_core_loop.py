@@ -48,10 +48,26 @@ def test_fifty_jobs_complete_with_one_terminal_event_each(
     terminal event, recorded from a signed callback."""
     urls = [f"https://example.com/invoice-{i}.pdf" for i in range(50)]
     run = subprocess.run(
-        [sys.executable, "-m", "receiver", "submit", *urls, "--domain", "document.invoice",
-         "--wait", "--timeout", "120", "--url", service.url, "--token", ADMIN_TOKEN],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "receiver",
+            "submit",
+            *urls,
+            "--domain",
+            "document.invoice",
+            "--wait",
+            "--timeout",
+            "120",
+            "--url",
+            service.url,
+            "--token",
+            ADMIN_TOKEN,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "50 submitted" in run.stdout
     page = admin.get(f"{service.url}/v1/jobs", params={"limit": 100}).json()

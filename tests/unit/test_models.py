@@ -46,8 +46,17 @@ def test_token_is_long_and_only_its_hash_is_kept() -> None:
 def test_envelope_carries_the_prediction_as_received() -> None:
     """The envelope is valid JSON whose `data` is the stored body, and it is stable."""
     body = b'{"id":"pred_1","status":"completed","response":{"total_amount":12.5}}'
-    event = Event("evt_1", "job_1", "pred_1", "completed", "document.invoice", "callback",
-                  "hmac-sha256", 1_700_000_000.0, body)  # fmt: skip
+    event = Event(
+        "evt_1",
+        "job_1",
+        "pred_1",
+        "completed",
+        "document.invoice",
+        "callback",
+        "hmac-sha256",
+        1_700_000_000.0,
+        body,
+    )
     envelope = orjson.loads(event.envelope())
     assert envelope["type"] == "prediction.completed"
     assert envelope["id"] == "evt_1" and envelope["job_id"] == "job_1"

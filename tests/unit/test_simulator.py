@@ -88,9 +88,13 @@ async def test_upload_then_generate_completes_with_invoice_fields() -> None:
         upload = await api.post("/files", params={"purpose": "assistants"}, files=files)
         assert upload.status_code == 201
         assert upload.json() | {"id": "x", "created_at": "t"} == {
-            "id": "x", "filename": "inv.pdf", "bytes": 14, "purpose": "assistants",
-            "created_at": "t", "object": "file",
-        }  # fmt: skip
+            "id": "x",
+            "filename": "inv.pdf",
+            "bytes": 14,
+            "purpose": "assistants",
+            "created_at": "t",
+            "object": "file",
+        }
         pred = await submit(api, file_id=upload.json()["id"])
         assert pred["id"].startswith("pred_")
         assert (pred["status"], pred["response"], pred["completed_at"]) == ("pending", None, None)
@@ -279,7 +283,7 @@ async def test_any_bearer_is_accepted_without_an_api_key() -> None:
         ({"url": "u", "domain": "document.invoice", "config": []}, ["body", "config"]),
         ([1, 2], ["body"]),
     ],
-)  # fmt: skip
+)
 async def test_invalid_body_answers_422_with_detail(body: Any, loc: list[str]) -> None:
     """A malformed submission answers 422 FastAPI-style, naming the bad field."""
     async with simulator() as (app, api):
