@@ -66,6 +66,14 @@ EVENTS_OF_JOB = f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = ? ORDER BY r
 JOB_BY_TOKEN = "SELECT id, domain FROM jobs WHERE token_hash = ?"
 JOB_BY_ID = "SELECT id, domain FROM jobs WHERE id = ?"
 PREDICTION = "SELECT job_id, status, status_rank FROM predictions WHERE id = ?"
+# The job and what is known of the prediction, in one round: the callback hot path.
+_JOB_AND_PREDICTION = """
+SELECT j.id, j.domain, j.status_rank, p.job_id, p.status, p.status_rank
+FROM jobs j LEFT JOIN predictions p ON p.id = ?
+WHERE j.{key} = ?
+"""
+JOB_AND_PREDICTION_BY_TOKEN = _JOB_AND_PREDICTION.format(key="token_hash")
+JOB_AND_PREDICTION_BY_ID = _JOB_AND_PREDICTION.format(key="id")
 INSERT_EVENT = f"""
 INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (prediction_id, status) DO NOTHING
@@ -266,15 +274,14 @@ def set_submitted(
 
 def record(conn: sqlite3.Connection, incoming: Incoming, routes: Sequence[Route]) -> RecordResult:
     if incoming.token_hash is not None:
-        job = conn.execute(JOB_BY_TOKEN, (incoming.token_hash,)).fetchone()
+        query, key = JOB_AND_PREDICTION_BY_TOKEN, incoming.token_hash
     else:
-        job = conn.execute(JOB_BY_ID, (incoming.job_id,)).fetchone()
-    if job is None:
+        query, key = JOB_AND_PREDICTION_BY_ID, incoming.job_id
+    row = conn.execute(query, (incoming.prediction_id, key)).fetchone()
+    if row is None:
         return RecordResult(Outcome.UNKNOWN_TOKEN)
-    job_id, job_domain = job
-    verdict = judge(
-        job_id, incoming, conn.execute(PREDICTION, (incoming.prediction_id,)).fetchone()
-    )
+    job_id, job_domain, job_rank = row[0], row[1], row[2]
+    verdict = judge(job_id, incoming, row[3:] if row[3] is not None else None)
     if verdict is not None:
         return RecordResult(verdict, job_id)
     event = new_event(job_id, job_domain, incoming)
@@ -283,7 +290,8 @@ def record(conn: sqlite3.Connection, incoming: Incoming, routes: Sequence[Route]
     rank = status_rank(event.status)
     t = event.received_at
     conn.execute(UPSERT_PREDICTION, (event.prediction_id, job_id, event.status, rank, t))
-    conn.execute(ADVANCE_JOB, advance_params(event, rank))
+    if job_rank < rank:
+        conn.execute(ADVANCE_JOB, advance_params(event, rank))
     sinks = matching_sinks(routes, event.status, event.domain)
     if sinks:
         conn.executemany(INSERT_DELIVERY, [(event.id, s, t, t, t) for s in sinks])
