@@ -273,10 +273,11 @@ def set_submitted(
 
 
 def record(conn: sqlite3.Connection, incoming: Incoming, routes: Sequence[Route]) -> RecordResult:
-    if incoming.token_hash is not None:
-        query, key = JOB_AND_PREDICTION_BY_TOKEN, incoming.token_hash
-    else:
-        query, key = JOB_AND_PREDICTION_BY_ID, incoming.job_id
+    query, key = (
+        (JOB_AND_PREDICTION_BY_TOKEN, incoming.token_hash)
+        if incoming.token_hash is not None
+        else (JOB_AND_PREDICTION_BY_ID, incoming.job_id)
+    )
     row = conn.execute(query, (incoming.prediction_id, key)).fetchone()
     if row is None:
         return RecordResult(Outcome.UNKNOWN_TOKEN)
