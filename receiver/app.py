@@ -28,7 +28,7 @@ from receiver.models import new_id
 from receiver.outbox import Dispatcher, RetryPolicy
 from receiver.reconcile import Reconciler
 from receiver.routes import BadRequest, Services, deliveries, error, jobs, ops
-from receiver.routes.callbacks import CallbackEndpoint
+from receiver.routes.callbacks import CallbackEndpoint, callback_token
 from receiver.routes.openapi import openapi
 from receiver.sinks import open_sink
 from receiver.store import Store, open_store
@@ -109,6 +109,18 @@ async def _store_failed(request: Request, exc: Exception) -> Response:
     return error(503, "store unavailable, retry later")
 
 
+class ReceiverApp(Starlette):
+    """Starlette, with callbacks dispatched straight to their endpoint (see routes.callbacks)."""
+
+    callbacks: CallbackEndpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if callback_token(scope) is not None:
+            await self.callbacks(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -175,8 +187,8 @@ def create_app(
                 await store.close()
                 log.info("service.stopped")
 
+    callback_endpoint = CallbackEndpoint(svc)
     routes = [
-        Route("/callbacks/vlmrun/{token}", CallbackEndpoint(svc)),
         Route("/healthz", ops.healthz),
         Route("/readyz", ops.readyz),
         Route("/metrics", ops.metrics),
@@ -191,12 +203,13 @@ def create_app(
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts))
     # Client address and scheme come from X-Forwarded-* only when the peer is a trusted proxy.
     middleware.insert(0, Middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies))
-    app = Starlette(
+    app = ReceiverApp(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
         exception_handlers={BadRequest: _bad_request, StoreError: _store_failed},
     )
+    app.callbacks = callback_endpoint
     app.state.services = svc
     app.state.dispatcher = dispatcher
     return app

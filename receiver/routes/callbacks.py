@@ -3,6 +3,11 @@
 A plain ASGI endpoint (no Request/Response objects): it reads the body in chunks and stops
 at the size limit, checks the signature over the raw bytes, and answers 2xx only after the
 store has committed. See the "Callback answers" table in DESIGN.md.
+
+The app dispatches callbacks to it before Starlette's middleware stack (`callback_token`):
+each request waits once for the group commit, and resuming it through a dozen middleware
+frames cost more than everything else the route does. It gives itself what that stack would
+have: a request id (kept from X-Request-ID or made, returned, bound to its log lines).
 """
 
 from __future__ import annotations
@@ -13,12 +18,30 @@ import orjson
 import structlog
 from starlette.types import Receive, Scope, Send
 
+from receiver import logs
 from receiver.errors import StoreError
-from receiver.models import Incoming, Outcome, hash_token
+from receiver.models import Incoming, Outcome, hash_token, new_id
 from receiver.routes import Services
 from receiver.verify import Rejected, check_signature, parse_prediction
 
 log = structlog.get_logger("receiver.callbacks")
+PREFIX = "/callbacks/vlmrun/"
+
+
+def callback_token(scope: Scope) -> str | None:
+    """The token when `scope` is a callback request (path relative to the app's root)."""
+    if scope["type"] != "http":
+        return None
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    if not path.startswith(PREFIX):
+        return None
+    token = path[len(PREFIX) :]
+    return token if token and "/" not in token else None
+
+
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -61,16 +84,23 @@ class CallbackEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         svc = self.svc
-        if scope["method"] != "POST":
-            await _answer(send, scope, 405, {"error": "use POST"})
-            return
         signature: str | None = None
         content_length: int | None = None
+        request_id: str | None = None
         for name, value in scope["headers"]:
             if name == b"x-vlmrun-signature":
                 signature = value.decode("latin-1")
             elif name == b"content-length" and value.isdigit():
                 content_length = int(value)
+            elif name == b"x-request-id":
+                request_id = value.decode("latin-1")[:128]
+        request_id = request_id or new_id("req")
+        scope.setdefault("state", {})["request_id"] = request_id
+        logs.reset(request_id=request_id)
+        if scope["method"] != "POST":
+            await _answer(send, scope, 405, {"error": "use POST"})
+            return
+        token = callback_token(scope) or ""
         try:
             body = await _read_body(receive, content_length, svc.settings.max_body_bytes)
             verification = check_signature(svc.webhook_secrets, body, signature)
@@ -93,7 +123,7 @@ class CallbackEndpoint:
             return
 
         incoming = Incoming(
-            token_hash=hash_token(scope["path_params"]["token"]),
+            token_hash=hash_token(token),
             job_id=None,
             prediction_id=prediction.id,
             status=prediction.status,
