@@ -1,9 +1,26 @@
-"""`create_app(settings)`: the Starlette app, with its store, clients and background worker."""
+"""`create_app(settings)`: the Starlette app, with its store, clients and background worker.
+
+Behind a reverse proxy:
+
+- Client address and scheme come from `X-Forwarded-For`/`X-Forwarded-Proto` (uvicorn's
+  `ProxyHeadersMiddleware`) or, when a request has no `X-Forwarded-For`, from RFC 7239
+  `Forwarded` (`ProxyHeaders` below), and only when the socket peer is one of
+  `RECEIVER_TRUSTED_PROXIES`. The client is the rightmost address that is not a trusted proxy,
+  so a value the client sent itself, to which the proxy appended, cannot spoof it.
+- `RECEIVER_ROOT_PATH` (e.g. `/receiver`) mounts the app under a prefix. Both proxy styles
+  work: one that strips the prefix (`location /receiver/ { proxy_pass http://up/; }`) and one
+  that passes the path unchanged (`proxy_pass http://up;`). The app handles the prefix itself,
+  so do not also give uvicorn `--root-path`. `RECEIVER_PUBLIC_URL` must include the prefix
+  (`https://example.com/receiver`): callback URLs are built from it.
+- `RECEIVER_ALLOWED_HOSTS` restricts the `Host` header (400 otherwise), callbacks included.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -11,6 +28,7 @@ from typing import Any
 import httpx
 import structlog
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
@@ -21,13 +39,13 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from receiver import logs
 from receiver.config import Settings, load_sinks
-from receiver.errors import StoreError
+from receiver.errors import StoreError, StoreUnavailable
 from receiver.logs import redact_path
 from receiver.metrics import Metrics
 from receiver.models import new_id
 from receiver.outbox import Dispatcher, RetryPolicy
 from receiver.reconcile import Reconciler
-from receiver.routes import BadRequest, Services, deliveries, error, jobs, ops
+from receiver.routes import JSON, BadRequest, Services, deliveries, error, jobs, ops
 from receiver.routes.callbacks import CallbackEndpoint, callback_token
 from receiver.routes.openapi import openapi
 from receiver.sinks import open_sink
@@ -38,8 +56,10 @@ log = structlog.get_logger("receiver.app")
 
 
 class RequestContext:
-    """Gives every request an id (X-Request-ID kept or made, and returned), binds it to every
-    log line of the request, and writes one access line with the callback token redacted."""
+    """Gives every request an id (a sane X-Request-ID kept, else one made; always returned),
+    binds it to every log line of the request, and writes one access line with the callback
+    token redacted. An unhandled error becomes a logged 500 with the same id, not a traceback
+    on stderr."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -48,29 +68,30 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = next(
-            (v.decode("latin-1")[:128] for k, v in scope["headers"] if k == b"x-request-id"),
-            None,
-        ) or new_id("req")
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+        request_id = logs.request_id(given.decode("latin-1") if given else None) or new_id("req")
         logs.reset(request_id=request_id)
-        if scope["path"].startswith("/callbacks/"):
-            # The hot path answers with the id itself and logs its own outcome line.
-            scope.setdefault("state", {})["request_id"] = request_id
-            await self.app(scope, receive, send)
-            return
+        scope.setdefault("state", {})["request_id"] = request_id
         start = time.perf_counter()
         status = 500
+        started = False
         header = (b"x-request-id", request_id.encode("latin-1"))
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("http.failed", method=scope["method"], path=redact_path(scope["path"]))
+            if not started:
+                await JSON({"error": "internal error", "request_id": request_id}, 500)(
+                    scope, receive, send_with_id
+                )
         finally:
             log.info(
                 "http.request",
@@ -78,8 +99,97 @@ class RequestContext:
                 path=redact_path(scope["path"]),
                 status=status,
                 client=(scope.get("client") or ("-",))[0],
+                scheme=scope.get("scheme", "http"),
                 duration_ms=round((time.perf_counter() - start) * 1000, 2),
             )
+
+
+# RFC 7239: `Forwarded: for=192.0.2.43;proto=https, for="[2001:db8::1]:4711"`.
+_FORWARDED_PART = re.compile(
+    r'\s*(?:(?P<name>[^=;,\s]+)\s*=\s*(?P<value>"(?:[^"\\]|\\.)*"|[^;,\s]*)|(?P<sep>[;,]))'
+)
+
+
+def forwarded_elements(value: str) -> list[dict[str, str]]:
+    """The elements of a `Forwarded` header (one per proxy hop), names lower-cased."""
+    elements: list[dict[str, str]] = [{}]
+    for match in _FORWARDED_PART.finditer(value):
+        if match["sep"] == ",":
+            elements.append({})
+        elif match["name"]:
+            raw = match["value"]
+            if raw.startswith('"') and raw.endswith('"') and len(raw) >= 2:
+                raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+            elements[-1][match["name"].lower()] = raw
+    return [e for e in elements if e]
+
+
+def _node(value: str) -> tuple[str, int] | None:
+    """An RFC 7239 node (`192.0.2.1`, `192.0.2.1:80`, `[2001:db8::1]:80`) as an IP and port;
+    None for `unknown`, obfuscated names and anything malformed."""
+    host, port = value, ""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return host, int(port) if port.isdigit() else 0
+
+
+class ProxyHeaders(ProxyHeadersMiddleware):
+    """uvicorn's `X-Forwarded-For`/`-Proto` handling for trusted proxies, plus RFC 7239
+    `Forwarded`, read only when the request carries no `X-Forwarded-For` (a proxy that sets
+    one header should remove the other, or a client could choose which one is believed)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            forwarded: list[bytes] = []
+            for name, value in scope["headers"]:
+                if name == b"x-forwarded-for":
+                    break
+                if name == b"forwarded":
+                    forwarded.append(value)
+            else:
+                peer = scope.get("client")
+                if forwarded and peer and peer[0] in self.trusted_hosts:
+                    self._apply(scope, b",".join(forwarded).decode("latin-1"))
+                    await self.app(scope, receive, send)
+                    return
+        await super().__call__(scope, receive, send)
+
+    def _apply(self, scope: Any, header: str) -> None:
+        elements = forwarded_elements(header)
+        if not elements:
+            return
+        chosen = elements[0]  # every hop trusted: the first is the client
+        for element in reversed(elements):
+            node = _node(element.get("for", ""))
+            if node is None or node[0] not in self.trusted_hosts:
+                chosen = element
+                break
+        node = _node(chosen.get("for", ""))
+        if node is not None:
+            scope["client"] = node
+        proto = chosen.get("proto", "").lower()
+        if proto in ("http", "https"):
+            scope["scheme"] = proto if scope["type"] == "http" else proto.replace("http", "ws")
+
+
+def _host_matcher(allowed: list[str]) -> Callable[[Scope], bool]:
+    """The `Host` check of Starlette's TrustedHostMiddleware, for the callback fast path."""
+    exact = {h for h in allowed if not h.startswith("*")}
+    suffixes = tuple(h[1:] for h in allowed if h.startswith("*."))
+
+    def allowed_host(scope: Scope) -> bool:
+        host = next((v for k, v in scope["headers"] if k == b"host"), b"").decode("latin-1")
+        host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        return host in exact or (bool(suffixes) and host.endswith(suffixes))
+
+    return allowed_host
 
 
 def _vlmrun(settings: Settings, http: httpx.AsyncClient) -> tuple[VlmRunClient, Any]:
@@ -104,21 +214,55 @@ async def _bad_request(request: Request, exc: Exception) -> Response:
     return error(exc.status, exc.reason)
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (404, 405, bad multipart, ...) in our shape: `{"error": ...}`."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code in (204, 304):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    answer = error(exc.status_code, str(exc.detail))
+    answer.headers.update(exc.headers or {})
+    return answer
+
+
 async def _store_failed(request: Request, exc: Exception) -> Response:
     log.error("store.failed", error=str(exc))
     return error(503, "store unavailable, retry later")
 
 
 class ReceiverApp(Starlette):
-    """Starlette, with callbacks dispatched straight to their endpoint (see routes.callbacks)."""
+    """Starlette, with callbacks dispatched straight to their endpoint (see routes.callbacks),
+    and the path prefix (`RECEIVER_ROOT_PATH`) applied whether or not the proxy stripped it."""
 
     callbacks: CallbackEndpoint
+    prefix: str = ""
+    host_allowed: Callable[[Scope], bool] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if callback_token(scope) is not None:
-            await self.callbacks(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            if self.prefix:
+                _mount(scope, self.prefix)
+            if (
+                scope["method"] == "POST"
+                and callback_token(scope) is not None
+                and (self.host_allowed is None or self.host_allowed(scope))
+            ):
+                await self.callbacks(scope, receive, send)
+                return
+        elif scope["type"] == "websocket" and self.prefix:
+            _mount(scope, self.prefix)
         await super().__call__(scope, receive, send)
+
+
+def _mount(scope: Scope, prefix: str) -> None:
+    """Make `scope` look mounted at `prefix`: `root_path` set, and `path` starting with it
+    (Starlette routes on `path` minus `root_path`), whether or not a proxy stripped it."""
+    path: str = scope["path"]
+    if path != prefix and not path.startswith(prefix + "/"):
+        scope["path"] = prefix + path
+        raw = scope.get("raw_path")
+        if raw is not None:
+            scope["raw_path"] = prefix.encode("latin-1") + raw
+    scope["root_path"] = prefix
 
 
 def create_app(
@@ -158,9 +302,41 @@ def create_app(
         worker_running=lambda: bool(tasks) and not any(t.done() for t in tasks),
     )
 
+    for name in sinks:
+        metrics.circuit_open.labels(name).set(0)
+
+    def start_worker() -> None:
+        if settings.worker:
+            tasks.append(asyncio.create_task(dispatcher.run(), name="dispatcher"))
+            tasks.append(asyncio.create_task(reconciler.run(), name="reconciler"))
+
+    async def migrate_when_reachable() -> None:
+        """The store was down at start: keep trying; readyz says 503 meanwhile."""
+        delay = 0.5
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            try:
+                await store.migrate()
+            except StoreUnavailable as exc:
+                log.error("store.unavailable", error=str(exc), retry_in=delay)
+                continue
+            svc.store_ready = True
+            log.info("store.ready")
+            start_worker()
+            return
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await store.migrate()
+        starting: asyncio.Task[None] | None = None
+        try:
+            await store.migrate()
+            svc.store_ready = True
+        except StoreUnavailable as exc:
+            # Serve anyway: /healthz answers, /readyz and callbacks say 503 (so senders retry)
+            # until the store is back; then the schema is checked and the worker starts.
+            log.error("store.unavailable", error=str(exc), retry_in=0.5)
+            starting = asyncio.create_task(migrate_when_reachable(), name="store-wait")
         async with contextlib.AsyncExitStack() as stack:
             if simulator is not None:
                 sim_app, sim_client = simulator
@@ -169,13 +345,16 @@ def create_app(
                 log.warning("vlmrun.simulated", reason="RECEIVER_VLMRUN_API_KEY is not set")
             if not svc.webhook_secrets:
                 log.warning("callbacks.unsigned", reason="RECEIVER_VLMRUN_WEBHOOK_SECRETS not set")
-            if settings.worker:
-                tasks.append(asyncio.create_task(dispatcher.run(), name="dispatcher"))
-                tasks.append(asyncio.create_task(reconciler.run(), name="reconciler"))
+            if svc.store_ready:
+                start_worker()
             log.info("service.started", sinks=list(sinks), worker=settings.worker)
             try:
                 yield
             finally:
+                log.info("service.stopping")
+                if starting is not None:
+                    starting.cancel()
+                    await asyncio.gather(starting, return_exceptions=True)
                 await dispatcher.stop()
                 await reconciler.stop()
                 for task in tasks:
@@ -186,6 +365,8 @@ def create_app(
                 await http.aclose()
                 await store.close()
                 log.info("service.stopped")
+                # uvicorn re-raises SIGTERM once it has shut down: atexit may never run.
+                logs.flush()
 
     callback_endpoint = CallbackEndpoint(svc)
     routes = [
@@ -193,23 +374,33 @@ def create_app(
         Route("/readyz", ops.readyz),
         Route("/metrics", ops.metrics),
         Route("/openapi.json", openapi),
-        Route("/v1/jobs", jobs.create_job, methods=["POST"]),
-        Route("/v1/jobs", jobs.list_jobs, methods=["GET"]),
-        Route("/v1/jobs/{job_id}", jobs.get_job, methods=["GET"]),
+        *jobs.routes,
         *deliveries.routes,
+        # Callbacks normally never get here (ReceiverApp sends them straight to the endpoint);
+        # this route answers other methods with 405 and `Allow: POST`.
+        Route("/callbacks/vlmrun/{token}", callback_endpoint, methods=["POST"]),
     ]
-    middleware = [Middleware(RequestContext)]
-    if settings.allowed_hosts != ["*"]:
+    restrict_hosts = "*" not in settings.allowed_hosts
+    # Client address and scheme come from X-Forwarded-*/Forwarded only from a trusted proxy.
+    middleware = [
+        Middleware(ProxyHeaders, trusted_hosts=settings.trusted_proxies),
+        Middleware(RequestContext),
+    ]
+    if restrict_hosts:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts))
-    # Client address and scheme come from X-Forwarded-* only when the peer is a trusted proxy.
-    middleware.insert(0, Middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies))
     app = ReceiverApp(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={BadRequest: _bad_request, StoreError: _store_failed},
+        exception_handlers={
+            BadRequest: _bad_request,
+            StoreError: _store_failed,
+            HTTPException: _http_error,
+        },
     )
     app.callbacks = callback_endpoint
+    app.prefix = settings.root_path.rstrip("/")
+    app.host_allowed = _host_matcher(settings.allowed_hosts) if restrict_hosts else None
     app.state.services = svc
     app.state.dispatcher = dispatcher
     return app

@@ -48,6 +48,10 @@ def settings_or_exit(**overrides: Any) -> Settings:
         fail(str(exc))
 
 
+def _exit_cleanly(signum: int, frame: object) -> None:
+    sys.exit(0)
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address [RECEIVER_HOST].")] = None,
@@ -69,11 +73,14 @@ def serve(
         application = create_app(settings)
     except ReceiverError as exc:
         fail(str(exc))
+    # uvicorn re-raises SIGTERM after its graceful shutdown, which would kill the process with
+    # the signal (exit -15) before atexit runs. A drained shutdown is a clean exit: 0.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         application,
         host=settings.host,
         port=settings.port,
-        root_path=settings.root_path,
+        # No root_path here: the app applies RECEIVER_ROOT_PATH itself (stripped or not).
         access_log=False,  # ours redacts callback tokens (receiver.app.RequestContext)
         proxy_headers=False,  # handled by the app, for the configured trusted proxies only
         log_config=None,
@@ -179,6 +186,7 @@ def simulate(
         intermediate=intermediate,
         delay=delay,
     )
+    signal.signal(signal.SIGTERM, _exit_cleanly)  # as in `serve`: exit 0, logs flushed
     uvicorn.run(
         create_simulator_app(options), host=host, port=port, log_config=None, access_log=False
     )

@@ -117,7 +117,9 @@ class Settings(BaseSettings):
         description="Host headers accepted (comma-separated; `*` accepts any).",
     )
     root_path: str = Field(
-        "", description="Path prefix the app is mounted under behind a proxy, e.g. `/receiver`."
+        "",
+        description="Path prefix the app is served under behind a proxy, e.g. `/receiver`; "
+        "works whether the proxy strips it or not. Include it in `RECEIVER_PUBLIC_URL`.",
     )
 
     _split = field_validator(

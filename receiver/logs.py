@@ -2,9 +2,17 @@
 
 Cheap by design (the callback route logs once per request): loggers are cached on first use,
 JSON is rendered by orjson straight to bytes, nothing formats a message that is filtered, and
-info lines are buffered (flushed within `FLUSH_SECONDS`; warnings and errors at once).
+info lines are buffered (flushed within `FLUSH_SECONDS`; warnings and errors at once, and
+everything by `flush()`, which the app calls as it stops: a process ended by a signal does not
+run `atexit`). The standard library's loggers (uvicorn's, asyncio's) are routed through the same
+renderer, so production output is JSON lines only.
+
+Request context lives in one ContextVar of our own (`reset`, `bind`): the request id, then the
+job and prediction ids once a handler knows them; every line logged while handling the request
+carries them.
+
 Secrets never reach a log: callers log ids, never tokens, keys or payloads, and `redact_path`
-strips the token from a callback URL before any access line is written.
+strips the token (and anything after it) from a callback path before any access line is written.
 """
 
 from __future__ import annotations
@@ -23,7 +31,10 @@ import orjson
 import structlog
 from structlog.typing import Processor
 
-_CALLBACK_TOKEN = re.compile(r"(/callbacks/vlmrun/)[^/?#]+")
+# Everything after the callback prefix: the token, and whatever a confused sender appended.
+_CALLBACK_TOKEN = re.compile(r"(/callbacks/vlmrun/)[^?#]*", re.IGNORECASE)
+# What we accept as a caller's X-Request-ID; anything else is replaced by an id of our own.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -41,6 +52,7 @@ class BufferedLineLogger:
     def __init__(self, stream: IO[bytes]) -> None:
         self._stream = stream
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # lines leave in the order they were logged
         self._lines: list[bytes] = []
         flusher = threading.Thread(target=self._flush_forever, name="log-flush", daemon=True)
         flusher.start()
@@ -60,11 +72,15 @@ class BufferedLineLogger:
     error = critical = exception = warning
 
     def flush(self) -> None:
-        with self._lock:
-            lines, self._lines = self._lines, []
-        if lines:
-            self._stream.write(b"\n".join(lines) + b"\n")
-            self._stream.flush()
+        with self._write_lock:
+            with self._lock:
+                lines, self._lines = self._lines, []
+            if lines:
+                try:
+                    self._stream.write(b"\n".join(lines) + b"\n")
+                    self._stream.flush()
+                except (OSError, ValueError):  # stream closed (interpreter exit) or broken pipe
+                    pass
 
     def _flush_forever(self) -> None:
         stop = threading.Event()
@@ -77,6 +93,23 @@ class BufferedLineLogger:
 _CONTEXT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "log_context", default=None
 )
+
+
+_BUFFER: BufferedLineLogger | None = None
+
+
+def flush() -> None:
+    """Write out every buffered line now (on shutdown: before the process may be killed)."""
+    if _BUFFER is not None:
+        _BUFFER.flush()
+    sys.stderr.flush()
+
+
+def request_id(given: str | None) -> str | None:
+    """The caller's X-Request-ID if it is a sane token (printable, at most 128), else None."""
+    if given and _REQUEST_ID.fullmatch(given):
+        return given
+    return None
 
 
 def bind(**values: Any) -> None:
@@ -120,8 +153,23 @@ def redact_path(path: str) -> str:
     return _CALLBACK_TOKEN.sub(r"\1***", path)
 
 
+class _StdlibBridge(logging.Handler):
+    """Sends standard-library records (uvicorn, asyncio, drivers) through structlog, so they
+    are rendered like ours: JSON lines in production, with the request context."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            event: dict[str, Any] = {"logger": record.name}
+            if record.exc_info:
+                event["exc_info"] = record.exc_info
+            structlog.get_logger(record.name).log(record.levelno, record.getMessage(), **event)
+        except Exception:
+            self.handleError(record)
+
+
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     """Configure structlog (and the stdlib loggers of uvicorn and friends) once per process."""
+    global _BUFFER
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     shared: list[Processor] = [
@@ -135,7 +183,7 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ]
-        line_logger = BufferedLineLogger(sys.stderr.buffer)
+        line_logger = _BUFFER = _BUFFER or BufferedLineLogger(sys.stderr.buffer)
         logger_factory: Callable[..., Any] = lambda *args: line_logger  # noqa: E731
     else:
         processors = [*shared, structlog.dev.ConsoleRenderer()]
@@ -147,8 +195,13 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
         logger_factory=logger_factory,
         cache_logger_on_first_use=True,
     )
-    # uvicorn's own loggers: errors only through stdlib; its access log is replaced by ours
-    # (receiver.app's request middleware), which redacts callback tokens.
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s"
-    )
+    # The stdlib loggers (uvicorn's errors, asyncio's): warnings and up, through our renderer.
+    # uvicorn's access log is off; ours (receiver.app.RequestContext) redacts callback tokens.
+    # httpx logs request URLs at INFO: kept below WARNING, they never reach the output.
+    root = logging.getLogger()
+    root.handlers[:] = [_StdlibBridge()]
+    root.setLevel(logging.WARNING)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "httpx", "httpcore"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    logging.getLogger("uvicorn.access").disabled = True

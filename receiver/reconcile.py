@@ -1,21 +1,35 @@
-"""The reconciler: fetches results whose callback never came.
+"""The reconciler: fetches results whose callback never came, times out what never finishes,
+and prunes what is old.
 
 VLM Run tries a callback only twice, seconds apart, so a receiver that was down for a minute
 misses it for good. Every job carries `next_poll_at`; once it passes without a terminal
-status, the job is polled with `GET /v1/predictions/{id}` (backing off: `reconcile_after`
-doubled per poll, at most `reconcile_max_interval`), and what comes back enters the store by
-the same path as a callback (source `poll`), so a callback arriving later is a duplicate.
-Polls are spaced to stay within `reconcile_rate_per_minute` (the smallest plan allows 10).
-Past `job_deadline` an unfinished job is marked `timed_out`. On start the overdue backlog is
-worked off first: that is what was missed while the service was down.
+status, the job is polled with `GET /v1/predictions/{id}`, and what comes back enters the store
+by the same path as a callback (source `poll`), so a callback arriving later is a duplicate.
+
+- Backoff: after the n-th poll (n = 1, 2, ...) of a job the next one waits
+  `min(reconcile_max_interval, reconcile_after * 2**(n-1))`, and never past the job's deadline.
+- Rate: polls start at least `60 / reconcile_rate_per_minute` seconds apart (the smallest plan
+  allows 10 a minute), at most `concurrency` at once; a 429 pauses polling for a minute. On
+  PostgreSQL only one process reconciles at a time (see `receiver.store.postgres`), so the
+  rate holds for the whole deployment however many workers run.
+- Only what a callback could bring is recorded: a terminal status or one we do not know
+  (`cancelled`?); `pending` and `running` just reschedule the job.
+- Deadline: a job unfinished `job_deadline` seconds after it was created is polled a last time
+  (when it has a prediction), then marked `timed_out` (`receiver_jobs_timed_out`).
+- Start: the first round runs at once, so whatever fell overdue while the service was down is
+  worked off first.
+- Retention: every `prune_interval` seconds (the first time right after the first round),
+  attempts, delivered rows and settled payloads older than `retention_days` are pruned
+  (`store.prune`, in small batches, so no lock is held for long).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 import structlog
@@ -23,11 +37,19 @@ import structlog
 from receiver.config import Settings
 from receiver.errors import StoreError, VlmRunError
 from receiver.metrics import Metrics
-from receiver.models import Incoming, Job, Outcome, is_terminal
+from receiver.models import STATUS_RANK, Incoming, Job, Outcome, is_terminal
 from receiver.store import Store
 from receiver.vlmrun import VlmRunClient
 
 log = structlog.get_logger("receiver.reconcile")
+
+PRUNE_INTERVAL = 3600.0  # seconds between two prunes
+THROTTLED_PAUSE = 60.0  # after a 429: the API counts requests per minute
+CONCURRENCY = 8  # polls in flight at once
+BATCH_SECONDS = 10.0  # overdue jobs read per round: about this many seconds' worth of polls
+MAX_BATCH = 100
+
+Sleep = Callable[[float], Awaitable[None]]
 
 
 class Reconciler:
@@ -39,98 +61,161 @@ class Reconciler:
         settings: Settings,
         *,
         clock: Callable[[], float] = time.time,
+        sleep: Sleep | None = None,
+        prune_interval: float = PRUNE_INTERVAL,
+        concurrency: int = CONCURRENCY,
     ) -> None:
+        """`clock` gives epoch seconds; `sleep(seconds)` waits (returning early on stop() by
+        default); tests pass a fake pair to check spacing without waiting."""
         self.store = store
         self.vlmrun = vlmrun
         self.metrics = metrics
         self.settings = settings
         self.clock = clock
-        self._spacing = 60.0 / settings.reconcile_rate_per_minute
-        self._next_slot = 0.0
+        self.prune_interval = prune_interval
+        self.spacing = 60.0 / settings.reconcile_rate_per_minute
+        self.batch = max(1, min(MAX_BATCH, math.ceil(BATCH_SECONDS / self.spacing)))
+        self._sleep = sleep or self._interruptible_sleep
+        self._slots = asyncio.Semaphore(concurrency)
+        self._next_slot = -math.inf  # when the next poll may start (clock time)
+        self._next_prune = -math.inf
         self._stopping = asyncio.Event()
 
     def backoff(self, polls_made: int) -> float:
+        """Seconds from the `polls_made`-th poll to the next: doubling, bounded."""
         s = self.settings
-        return float(min(s.reconcile_max_interval, s.reconcile_after * 2**polls_made))
+        return float(min(s.reconcile_max_interval, s.reconcile_after * 2 ** max(0, polls_made - 1)))
 
     async def run(self) -> None:
+        """Reconcile and prune until stopped; store outages are waited out, never fatal."""
         while not self._stopping.is_set():
             try:
-                done = await self.tick()
+                done = await self.tick()  # first: the backlog of a restart goes before upkeep
+                await self._maybe_prune()
             except StoreError as exc:
                 log.error("reconcile.store_failed", error=str(exc))
                 done = 0
-            if done == 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self.settings.poll_interval)
+            if done == 0 and not self._stopping.is_set():
+                await self._sleep(self.settings.poll_interval)
 
     async def stop(self) -> None:
         self._stopping.set()
 
+    async def _interruptible_sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _maybe_prune(self) -> None:
+        now = self.clock()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + self.prune_interval
+        before = now - self.settings.retention_days * 86400
+        pruned = await self.store.prune(before)
+        log.info("reconcile.pruned", rows=pruned, before=before)
+
     async def tick(self) -> int:
-        """Handle the jobs overdue now; returns how many were looked at."""
-        jobs = await self.store.overdue_jobs(self.clock(), 50)
-        for job in jobs:
-            if self._stopping.is_set():
-                break
-            await self.reconcile(job)
+        """Handle the jobs overdue now (one batch); returns how many were looked at."""
+        jobs = await self.store.overdue_jobs(self.clock(), self.batch)
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for job in jobs:
+                if job.prediction_id is None:
+                    await self.reconcile(job)
+                    continue
+                await self._slots.acquire()
+                await self._pace()
+                if self._stopping.is_set():
+                    self._slots.release()
+                    break
+                task = asyncio.create_task(self.reconcile(job, paced=True))
+                task.add_done_callback(lambda _: self._slots.release())
+                tasks.append(task)
+        finally:
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         return len(jobs)
 
     async def _pace(self) -> None:
-        """Space polls evenly so the API's per-minute limit is never exceeded."""
-        now = time.monotonic()
-        wait = self._next_slot - now
-        self._next_slot = max(now, self._next_slot) + self._spacing
-        if wait > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), wait)
-
-    async def reconcile(self, job: Job) -> None:
+        """Wait for the next free slot: polls start `spacing` seconds apart at least."""
         now = self.clock()
-        if now - job.created_at >= self.settings.job_deadline:
+        start = max(now, self._next_slot)
+        self._next_slot = start + self.spacing
+        if start > now:
+            await self._sleep(start - now)
+
+    async def reconcile(self, job: Job, *, paced: bool = False) -> None:
+        """Poll one overdue job (unless it has no prediction yet), record what it brings, and
+        reschedule it, or time it out past its deadline."""
+        deadline = job.created_at + self.settings.job_deadline
+        polls = job.poll_attempts + 1
+        if job.prediction_id is not None:
+            if not paced:
+                await self._pace()
+            if await self._poll(job, job.prediction_id):
+                return
+        # No prediction id means the submission's outcome is unknown (timeout or 5xx): only a
+        # callback can tell, so the job just waits for one until its deadline.
+        now = self.clock()
+        if now >= deadline:
             await self.store.time_out(job.id, now)
             self.metrics.timed_out.inc()
-            log.warning("job.timed_out", job_id=job.id, prediction_id=job.prediction_id)
+            log.warning(
+                "job.timed_out", job_id=job.id, prediction_id=job.prediction_id, polls=polls
+            )
             return
-        next_poll = now + self.backoff(job.poll_attempts)
-        if job.prediction_id is None:
-            # Submission outcome unknown (timeout/5xx): only a callback can tell; wait for it.
-            await self.store.schedule_poll(job.id, next_poll, job.poll_attempts + 1)
-            return
-        await self._pace()
+        await self.store.schedule_poll(job.id, min(deadline, now + self.backoff(polls)), polls)
+
+    async def _poll(self, job: Job, prediction_id: str) -> bool:
+        """Fetch the prediction and record it when a callback would have; True when that
+        finished the job."""
         try:
-            prediction = await self.vlmrun.get_prediction(job.prediction_id)
+            prediction = await self.vlmrun.get_prediction(prediction_id)
         except VlmRunError as exc:
             self.metrics.polls.labels("error").inc()
-            log.warning("reconcile.poll_failed", job_id=job.id, status_code=exc.status_code)
-            await self.store.schedule_poll(job.id, next_poll, job.poll_attempts + 1)
-            return
-        status = prediction.get("status")
-        self.metrics.polls.labels("ok").inc()
-        if isinstance(status, str) and status:
-            domain = prediction.get("domain")
-            result = await self.store.record(
-                Incoming(
-                    token_hash=None,
-                    job_id=job.id,
-                    prediction_id=job.prediction_id,
-                    status=status,
-                    domain=domain if isinstance(domain, str) else None,
-                    source="poll",
-                    verification="poll",
-                    body=orjson.dumps(prediction),
-                    received_at=self.clock(),
-                )
+            if exc.status_code == 429:
+                self._next_slot = max(self._next_slot, self.clock() + THROTTLED_PAUSE)
+            log.warning(
+                "reconcile.poll_failed",
+                job_id=job.id,
+                prediction_id=prediction_id,
+                status_code=exc.status_code,
+                reason=exc.reason,
             )
-            if result.outcome is Outcome.RECORDED and is_terminal(status):
-                self.metrics.recoveries.inc()
-                log.info(
-                    "reconcile.recovered",
-                    job_id=job.id,
-                    prediction_id=job.prediction_id,
-                    status=status,
-                    event_id=result.event_id,
-                )
-            if is_terminal(status):
-                return
-        await self.store.schedule_poll(job.id, next_poll, job.poll_attempts + 1)
+            return False
+        self.metrics.polls.labels("ok").inc()
+        status = prediction.get("status")
+        if not isinstance(status, str) or not status:
+            log.warning("reconcile.no_status", job_id=job.id, prediction_id=prediction_id)
+            return False
+        if status in STATUS_RANK and not is_terminal(status):
+            return False  # pending, running: nothing a callback would have brought yet
+        domain = prediction.get("domain")
+        result = await self.store.record(
+            Incoming(
+                token_hash=None,
+                job_id=job.id,
+                prediction_id=prediction_id,
+                status=status,
+                domain=domain if isinstance(domain, str) else None,
+                source="poll",
+                verification="poll",
+                body=orjson.dumps(prediction),
+                received_at=self.clock(),
+            )
+        )
+        if result.outcome is not Outcome.RECORDED:
+            # Duplicate or stale: a callback got there first, and the job is finished if this
+            # status is terminal. Anything else is odd: reschedule rather than poll in a loop.
+            return is_terminal(status) and result.outcome in (Outcome.DUPLICATE, Outcome.STALE)
+        self.metrics.recoveries.inc()
+        log.info(
+            "reconcile.recovered",
+            job_id=job.id,
+            prediction_id=prediction_id,
+            status=status,
+            event_id=result.event_id,
+        )
+        return is_terminal(status)

@@ -29,6 +29,7 @@ class Services:
     webhook_secrets: list[str] = field(default_factory=list)
     sink_names: tuple[str, ...] = ()
     worker_running: Callable[[], bool] = lambda: False
+    store_ready: bool = False  # migrated and reachable at least once since start
 
 
 class JSON(Response):

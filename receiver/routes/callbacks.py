@@ -93,13 +93,10 @@ class CallbackEndpoint:
             elif name == b"content-length" and value.isdigit():
                 content_length = int(value)
             elif name == b"x-request-id":
-                request_id = value.decode("latin-1")[:128]
+                request_id = logs.request_id(value.decode("latin-1"))
         request_id = request_id or new_id("req")
         scope.setdefault("state", {})["request_id"] = request_id
         logs.reset(request_id=request_id)
-        if scope["method"] != "POST":
-            await _answer(send, scope, 405, {"error": "use POST"})
-            return
         token = callback_token(scope) or ""
         try:
             body = await _read_body(receive, content_length, svc.settings.max_body_bytes)

@@ -1,8 +1,15 @@
-"""`/v1/deliveries` and `/v1/events`: inspect the outbox and replay what failed."""
+"""`/v1/deliveries` and `/v1/events`: inspect the outbox and replay what failed.
+
+Replaying puts deliveries back in the queue (attempts from zero, due now); the dispatcher
+sends them with the event's id unchanged, so a consumer that already has the event sees a
+duplicate it can recognise. A delivery in flight right now is left alone. Nothing here sends:
+with `serve --no-worker`, a `receiver worker` elsewhere picks the rows up.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -14,6 +21,8 @@ from receiver.models import DeliveryState
 from receiver.routes import JSON, BadRequest, admin_refusal, error, int_param, services
 
 STATES = {s.value for s in DeliveryState}
+# Delivery ids and cursors: ASCII digits that fit a 64-bit integer (str.isdigit also takes "²").
+_ROW_ID = re.compile(r"[0-9]{1,18}")
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -44,11 +53,14 @@ def _since(value: Any) -> float | None:
     if value is None:
         return None
     try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+        when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError:
         raise BadRequest(
             "`since` must be an ISO-8601 time, e.g. 2026-11-24T08:00:00Z", 422
         ) from None
+    if when.tzinfo is None:  # the API speaks UTC; never the server's local time
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
 
 
 async def list_deliveries(request: Request) -> Response:
@@ -58,7 +70,7 @@ async def list_deliveries(request: Request) -> Response:
     if state is not None and state not in STATES:
         raise BadRequest(f"`state` must be one of {', '.join(sorted(STATES))}", 422)
     cursor = request.query_params.get("cursor")
-    if cursor is not None and not cursor.isdigit():
+    if cursor is not None and not _ROW_ID.fullmatch(cursor):
         raise BadRequest("`cursor` must come from a previous page's next_cursor", 422)
     page = await services(request).store.list_deliveries(
         state, request.query_params.get("sink"), int_param(request, "limit", 50, 1, 500), cursor
@@ -70,7 +82,7 @@ async def retry_delivery(request: Request) -> Response:
     if (refusal := admin_refusal(request)) is not None:
         return refusal
     raw = request.path_params["delivery_id"]
-    if not raw.isdigit():
+    if not _ROW_ID.fullmatch(raw):
         return error(404, "no such delivery")
     svc = services(request)
     count = await svc.store.requeue(svc.clock(), delivery_id=int(raw), only_dead=False)
@@ -80,14 +92,25 @@ async def retry_delivery(request: Request) -> Response:
 
 
 async def replay_event(request: Request) -> Response:
+    """Deliver one event again: to `sink` (even one it never went to, e.g. added since), or
+    to every configured sink whose filters take it."""
     if (refusal := admin_refusal(request)) is not None:
         return refusal
     svc = services(request)
     event_id = request.path_params["event_id"]
-    if await svc.store.get_event(event_id) is None:
+    event = await svc.store.get_event(event_id)
+    if event is None:
         return error(404, "no such event")
     sink = _sink(request, await _json_body(request), required=False)
-    targets = [sink] if sink else list(svc.sink_names)
+    targets = (
+        [sink]
+        if sink
+        else [
+            r.sink
+            for r in svc.store.routes
+            if r.sink in svc.sink_names and r.matches(event.status, event.domain)
+        ]
+    )
     count = 0
     for name in targets:
         count += await svc.store.requeue(svc.clock(), event_id=event_id, sink=name, only_dead=False)

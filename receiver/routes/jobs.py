@@ -10,7 +10,9 @@ import structlog
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
+from receiver import logs
 from receiver.errors import VlmRunError
 from receiver.models import (
     JOB_KINDS,
@@ -43,18 +45,20 @@ def _object(value: Any, name: str) -> dict[str, Any]:
 
 def validate_submission(data: dict[str, Any], has_file: bool) -> dict[str, Any]:
     """The submission as the job will keep it, or BadRequest naming the field to fix."""
-    kind = data.get("kind") or "document"
+    kind = data.get("kind")
+    kind = "document" if kind is None else kind
     if kind not in JOB_KINDS:
         raise BadRequest(f"`kind` must be one of {', '.join(JOB_KINDS)}", 422)
     domain = data.get("domain")
     if not isinstance(domain, str) or not DOMAIN.match(domain):
         raise BadRequest("`domain` is required, like document.invoice", 422)
+    for key in ("url", "file_id"):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise BadRequest(f"`{key}` must be a non-empty string", 422)
     sources = [k for k in ("url", "file_id") if data.get(k)] + (["file"] if has_file else [])
     if len(sources) != 1:
         raise BadRequest("give exactly one of `url`, `file_id` or a `file` upload", 422)
-    for key in ("url", "file_id"):
-        if data.get(key) is not None and not isinstance(data[key], str):
-            raise BadRequest(f"`{key}` must be a string", 422)
     if data.get("url") and not str(data["url"]).startswith(("http://", "https://")):
         raise BadRequest("`url` must be an http(s) URL", 422)
     return {
@@ -107,7 +111,8 @@ async def _read_submission(request: Request, svc: Services) -> tuple[dict[str, A
             raise BadRequest(f"upload over {svc.settings.max_upload_bytes} bytes", 413)
         form = await request.form(max_files=1)
         upload = form.get("file")
-        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        # An empty form field is an absent one (what an HTML form sends for a blank input).
+        fields = {k: v for k, v in form.items() if isinstance(v, str) and v}
         return fields, upload if isinstance(upload, UploadFile) else None
     try:
         data = orjson.loads(await request.body())
@@ -151,6 +156,7 @@ async def create_job(request: Request) -> Response:
         request={k: v for k, v in sub.items() if v is not None},
         next_poll_at=now + svc.settings.reconcile_after,
     )
+    logs.bind(job_id=job.id)
     await svc.store.create_job(job, hash_token(token))
     callback_url = f"{svc.settings.callback_base}/callbacks/vlmrun/{token}"
     try:
@@ -170,6 +176,8 @@ async def create_job(request: Request) -> Response:
         headers = {"Retry-After": "60"} if answer == 429 else None
         return JSON({"error": reason, "job": job.to_api()}, status_code=answer, headers=headers)
     prediction_id = prediction.get("id")
+    if isinstance(prediction_id, str):
+        logs.bind(prediction_id=prediction_id)
     pred_status = prediction.get("status") or "pending"
     job = await svc.store.set_submitted(
         job.id,
@@ -180,7 +188,8 @@ async def create_job(request: Request) -> Response:
     )
     svc.metrics.submissions.labels("accepted").inc()
     log.info("job.submitted", job_id=job.id, prediction_id=prediction_id, domain=job.domain)
-    return JSON(job.to_api(), status_code=201, headers={"Location": f"/v1/jobs/{job.id}"})
+    location = f"{request.scope.get('root_path', '')}/v1/jobs/{job.id}"
+    return JSON(job.to_api(), status_code=201, headers={"Location": location})
 
 
 async def list_jobs(request: Request) -> Response:
@@ -203,4 +212,18 @@ async def get_job(request: Request) -> Response:
     if found is None:
         return error(404, "no such job")
     job, events = found
+    logs.bind(job_id=job.id, prediction_id=job.prediction_id)
     return JSON({**job.to_api(), "events": [e.to_api(with_body=True) for e in events]})
+
+
+async def jobs_collection(request: Request) -> Response:
+    """`/v1/jobs`: one route for both methods, so a wrong one gets 405 with `Allow: GET, POST`."""
+    if request.method == "POST":
+        return await create_job(request)
+    return await list_jobs(request)
+
+
+routes = [
+    Route("/v1/jobs", jobs_collection, methods=["GET", "POST"]),
+    Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
+]

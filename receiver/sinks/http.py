@@ -17,18 +17,20 @@ usually a consumer bug that its owner can fix, and the dispatcher bounds the att
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import math
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 import aiohttp
-from standardwebhooks import Webhook
 
 from receiver.config import SinkConfig
-from receiver.errors import SinkError
+from receiver.errors import ConfigError, SinkError
 from receiver.sinks import Message, Receipt
 
 SNIPPET_CHARS = 512
@@ -44,8 +46,8 @@ class HttpSink:
         self._timeout = config.timeout
         self._limit = config.concurrency or _DEFAULT_CONCURRENCY
         self._clock = clock
-        # Parse the secrets once: decoding base64 on every send would be wasted work.
-        self._signers = [Webhook(secret) for secret in config.signing_secrets]
+        # Decode the keys once: base64 on every send would be wasted work.
+        self._keys = [_hmac_key(config.name, secret) for secret in config.signing_secrets]
         self._headers = {
             "content-type": "application/json",
             "user-agent": "receiver",
@@ -66,18 +68,23 @@ class HttpSink:
         return self._session
 
     def _sign(self, message: Message) -> dict[str, str]:
-        timestamp = int(self._clock())
-        try:
-            text = message.body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise SinkError(f"sink {self.name}: body is not UTF-8", permanent=True) from exc
-        when = datetime.fromtimestamp(timestamp, tz=UTC)
-        signatures = [s.sign(message.event_id, when, text) for s in self._signers]
+        """Standard Webhooks: HMAC-SHA256 of `{id}.{timestamp}.{body}`, one `v1,` entry per key.
+
+        Computed here over the body's bytes rather than with `Webhook.sign`, which wants the
+        body as text and a datetime: the same bytes are signed (the envelope is UTF-8 JSON),
+        at a fraction of the cost per send. Tests verify it with the reference library.
+        """
+        timestamp = str(int(self._clock()))
+        signed = f"{message.event_id}.{timestamp}.".encode() + message.body
+        signatures = " ".join(
+            "v1," + base64.b64encode(hmac.digest(key, signed, hashlib.sha256)).decode()
+            for key in self._keys
+        )
         return {
             **self._headers,
             "webhook-id": message.event_id,
-            "webhook-timestamp": str(timestamp),
-            "webhook-signature": " ".join(signatures),
+            "webhook-timestamp": timestamp,
+            "webhook-signature": signatures,
         }
 
     async def send(self, message: Message) -> Receipt:
@@ -127,6 +134,8 @@ class HttpSink:
 
 async def _read_snippet(resp: aiohttp.ClientResponse) -> str:
     """The start of the answer; a larger answer is not read (its connection is then dropped)."""
+    if resp.content.at_eof():  # no body (the usual 204, or 200 with nothing to say)
+        return ""
     data = b""
     while len(data) < _READ_BYTES:
         chunk = await resp.content.read(_READ_BYTES - len(data))
@@ -154,6 +163,18 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if when.tzinfo is None:  # "-0000" dates parse naive; HTTP dates are always GMT
         when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - now)
+
+
+def _hmac_key(sink: str, secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret, read as the reference library reads it:
+    an optional `whsec_` prefix, then base64 (padding optional)."""
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_") + "==")
+    except ValueError:  # binascii.Error
+        key = b""
+    if not key:
+        raise ConfigError(f"sink {sink}: `secret` must be whsec_ followed by base64")
+    return key
 
 
 def _sensitive_strings(config: SinkConfig) -> list[str]:

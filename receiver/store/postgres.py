@@ -4,12 +4,18 @@ The statements are those of `receiver.store.sql`, numbered for PostgreSQL, so bo
 run the same SQL and map rows with the same helpers. What differs is concurrency: several
 processes write at once here, so
 
-- `record()` locks the job row before judging a callback, which serialises the decisions
-  about one job's predictions (dedupe itself still rests on the events' unique key);
-- `claim()` picks rows with `FOR UPDATE SKIP LOCKED`: workers never wait for, nor share, a row;
+- `record()` is one statement (one round trip, committed on its own): it locks the job row,
+  and the prediction's upsert is the judge: its `ON CONFLICT ... WHERE` sees the newest
+  committed state of the prediction, so "running" and "completed" arriving at once can never
+  move it backwards, and the events' unique key still decides what is a duplicate;
+- `claim()` picks rows with `FOR UPDATE SKIP LOCKED` and returns them with their events in one
+  statement: workers never wait for, nor share, a row;
 - writes that make work due `NOTIFY receiver_outbox` inside their transaction (delivered on
   commit), and `wait_for_work()` listens on a connection of its own;
-- `migrate()` runs under an advisory lock, so replicas starting together apply it once.
+- `migrate()` runs under an advisory lock, so replicas starting together apply it once;
+- `overdue_jobs()` answers only in the process holding the reconciler lock (a session advisory
+  lock on a connection of its own, freed when that process dies): however many workers run,
+  one polls VLM Run, so `reconcile_rate_per_minute` holds for the whole deployment.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from receiver.models import (
     Outcome,
     RecordResult,
     Route,
+    new_id,
     status_rank,
 )
 from receiver.store import Attempt, Page, Stats, sql
@@ -46,6 +53,7 @@ log = structlog.get_logger(__name__)
 CHANNEL = "receiver_outbox"
 _NOTIFY = f"NOTIFY {CHANNEL}"
 _MIGRATE_LOCK = 0x7265636569766572  # "receiver": one key for every process sharing the database
+_RECONCILE_LOCK = _MIGRATE_LOCK + 1
 _PRUNE_BATCH = 1000
 _CONNECT_TIMEOUT = 10.0
 
@@ -62,12 +70,75 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 # `?` -> `$n` once per distinct statement (the dynamic ones have a handful of shapes each).
 _pg = functools.cache(sql.numbered)
 
-# The job row is locked for the whole of record(): a prediction's row does not exist before
-# its first callback, so only the job's row can order "running" and "completed" arriving at once.
-_JOB_BY_TOKEN = _pg(sql.JOB_BY_TOKEN + " FOR UPDATE")
-_JOB_BY_ID = _pg(sql.JOB_BY_ID + " FOR UPDATE")
+# record() in one statement. Parameters: $1 token hash or job id, $2 prediction id, $3 status,
+# $4 its rank, $5 new event id, $6 domain (NULL: the job's), $7 source, $8 verification,
+# $9 received at, $10 body, $11/$12 the sinks whose status filter matches and their domain
+# filters (NULL: any domain; else the domains joined by \x1f).
+# - `job` locks the job row first (the order set_submitted() takes too: no deadlock);
+# - `pred` is the judge. ON CONFLICT DO UPDATE sees the prediction's newest committed row even
+#   when the statement's snapshot is older, so its WHERE is the rule of `sql.judge` applied to
+#   the truth: same job, and a higher rank or the same status. No row back: stale (or conflict);
+# - `event` then relies on the unique (prediction_id, status) key for duplicates;
+# - a job only moves forward (`jobs.status_rank < $4` is re-checked on the newest row);
+# - pg_notify() is transactional: workers hear of the new rows once they are committed.
+_RECORD = """
+WITH job AS (
+    SELECT id, domain FROM jobs WHERE {key} = $1 FOR UPDATE
+), known AS (
+    SELECT job_id FROM predictions WHERE id = $2
+), pred AS (
+    INSERT INTO predictions AS p (id, job_id, status, status_rank, updated_at)
+    SELECT $2, job.id, $3, $4, $9 FROM job
+    ON CONFLICT (id) DO UPDATE SET status = excluded.status, status_rank = excluded.status_rank,
+        updated_at = CASE WHEN p.status_rank < excluded.status_rank THEN excluded.updated_at
+            ELSE p.updated_at END
+    WHERE p.job_id = excluded.job_id
+      AND (p.status_rank < excluded.status_rank OR p.status = excluded.status)
+    RETURNING job_id
+), event AS (
+    INSERT INTO events (id, job_id, prediction_id, status, domain, source, verification,
+        received_at, body)
+    SELECT $5, job.id, $2, $3, COALESCE($6, job.domain), $7, $8, $9, $10 FROM job, pred
+    ON CONFLICT (prediction_id, status) DO NOTHING
+    RETURNING id, job_id, domain
+), advanced AS (
+    UPDATE jobs SET status = $3, status_rank = $4, updated_at = $9,
+        prediction_id = COALESCE(jobs.prediction_id, $2),
+        completed_at = CASE WHEN $4 >= {terminal} THEN $9 ELSE jobs.completed_at END,
+        next_poll_at = CASE WHEN $4 >= {terminal} THEN NULL ELSE jobs.next_poll_at END
+    FROM event WHERE jobs.id = event.job_id AND jobs.status_rank < $4
+), queued AS (
+    INSERT INTO deliveries (event_id, sink, state, attempts, next_attempt_at, created_at,
+        updated_at)
+    SELECT event.id, r.sink, 'pending', 0, $9, $9, $9
+    FROM event, unnest($11::text[], $12::text[]) AS r(sink, domains)
+    WHERE r.domains IS NULL OR event.domain = ANY(string_to_array(r.domains, E'\\x1f'))
+    ON CONFLICT (event_id, sink) DO NOTHING
+    RETURNING sink
+)
+SELECT (SELECT id FROM job), (SELECT job_id FROM known), (SELECT count(*) FROM pred),
+    (SELECT id FROM event), (SELECT array_agg(sink) FROM queued),
+    (SELECT count(pg_notify('{channel}', '')) FROM (SELECT 1 FROM queued LIMIT 1) AS any_row)
+"""
+_RECORD_BY_TOKEN = _RECORD.format(key="token_hash", terminal=TERMINAL_RANK, channel=CHANNEL)
+_RECORD_BY_ID = _RECORD.format(key="id", terminal=TERMINAL_RANK, channel=CHANNEL)
+_DOMAIN_SEP = "\x1f"
 _APPLIED = "INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, $3)"
-_EVENTS_BY_IDS = f"SELECT {sql.EVENT_COLUMNS} FROM events WHERE id = ANY($1::text[])"
+_DELIVERY_WIDTH = len(sql.DELIVERY_COLUMNS.split(","))
+
+
+@functools.cache
+def _claim_query(skipped: int) -> str:
+    """CLAIM (FOR UPDATE SKIP LOCKED), returning each row with its event, due first."""
+    claim = sql.claim_query(["?"] * skipped, lock="FOR UPDATE SKIP LOCKED")
+    delivery = ", ".join(f"c.{c.strip()}" for c in sql.DELIVERY_COLUMNS.split(","))
+    event = ", ".join(f"e.{c.strip()}" for c in sql.EVENT_COLUMNS.split(","))
+    return sql.numbered(
+        f"WITH c AS ({claim}) SELECT {delivery}, {event}"
+        " FROM c JOIN events e ON e.id = c.event_id ORDER BY c.next_attempt_at, c.id"
+    )
+
+
 # Housekeeping in bounded batches, so no statement holds many row locks for long; rows locked
 # by a worker right now are skipped and left for the next prune.
 _PRUNE = (
@@ -117,6 +188,8 @@ class PostgresStore:
         self._pool_lock = asyncio.Lock()
         self._listener: asyncpg.Connection | None = None
         self._work = asyncio.Event()
+        self._leader: asyncpg.Connection | None = None  # holds the reconciler lock (or tries)
+        self._leading = False
 
     def __repr__(self) -> str:
         return f"PostgresStore({redacted(self.url)!r})"
@@ -147,10 +220,12 @@ class PostgresStore:
             yield conn
 
     async def close(self) -> None:
-        if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await self._listener.close(timeout=5)
-            self._listener = None
+        for conn in (self._listener, self._leader):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=5)
+        self._listener = self._leader = None
+        self._leading = False
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
@@ -221,34 +296,39 @@ class PostgresStore:
     # -- events ------------------------------------------------------------------------------
 
     async def record(self, incoming: Incoming) -> RecordResult:
-        async with self._tx() as conn:
-            if incoming.token_hash is not None:
-                job = await conn.fetchrow(_JOB_BY_TOKEN, incoming.token_hash)
-            else:
-                job = await conn.fetchrow(_JOB_BY_ID, incoming.job_id)
-            if job is None:
-                return RecordResult(Outcome.UNKNOWN_TOKEN)
-            job_id, job_domain = job
-            known = await conn.fetchrow(_pg(sql.PREDICTION), incoming.prediction_id)
-            verdict = sql.judge(job_id, incoming, known)
-            if verdict is not None:
-                return RecordResult(verdict, job_id)
-            event = sql.new_event(job_id, job_domain, incoming)
-            if await conn.fetchval(_pg(sql.INSERT_EVENT), *sql.event_params(event)) is None:
-                return RecordResult(Outcome.DUPLICATE, job_id)
-            rank = status_rank(event.status)
-            t = event.received_at
-            await conn.execute(
-                _pg(sql.UPSERT_PREDICTION), event.prediction_id, job_id, event.status, rank, t
+        rank = status_rank(incoming.status)
+        # The routes that want this status; their domain filters are applied in SQL, where
+        # the event's domain (the callback's, else the job's) is known.
+        routes = [r for r in self.routes if not r.statuses or incoming.status in r.statuses]
+        by_token = incoming.token_hash is not None
+        event_id = new_id("evt")
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                _RECORD_BY_TOKEN if by_token else _RECORD_BY_ID,
+                incoming.token_hash if by_token else incoming.job_id,
+                incoming.prediction_id,
+                incoming.status,
+                rank,
+                event_id,
+                incoming.domain,
+                incoming.source,
+                incoming.verification,
+                incoming.received_at,
+                incoming.body,
+                [r.sink for r in routes],
+                [_DOMAIN_SEP.join(r.domains) if r.domains else None for r in routes],
             )
-            await conn.execute(_pg(sql.ADVANCE_JOB), *sql.advance_params(event, rank))
-            sinks = sql.matching_sinks(self.routes, event.status, event.domain)
-            if sinks:
-                await conn.executemany(
-                    _pg(sql.INSERT_DELIVERY), [(event.id, s, t, t, t) for s in sinks]
-                )
-                await conn.execute(_NOTIFY)
-        return RecordResult(Outcome.RECORDED, job_id, event.id, sinks)
+        job_id, owner, judged, recorded, queued, _ = row
+        if job_id is None:
+            return RecordResult(Outcome.UNKNOWN_TOKEN)
+        if not judged:
+            # Refused by the judge: another job's prediction, or an older status.
+            conflict = owner is not None and owner != job_id
+            return RecordResult(Outcome.CONFLICT if conflict else Outcome.STALE, job_id)
+        if recorded is None:
+            return RecordResult(Outcome.DUPLICATE, job_id)
+        sinks = tuple(r.sink for r in routes if r.sink in queued) if queued else ()
+        return RecordResult(Outcome.RECORDED, job_id, recorded, sinks)
 
     async def get_event(self, event_id: str) -> Event | None:
         async with self._conn() as conn:
@@ -261,17 +341,19 @@ class PostgresStore:
         self, now: float, limit: int, lease_seconds: float, skip_sinks: Sequence[str] = ()
     ) -> list[Claimed]:
         lease_until = now + lease_seconds
-        query = _pg(sql.claim_query(skip_sinks, lock="FOR UPDATE SKIP LOCKED"))
         async with self._conn() as conn:
             # One statement, committed on its own: the lease is the lock from here on.
-            rows = await conn.fetch(query, lease_until, now, now, now, *skip_sinks, limit)
-            if not rows:
-                return []
-            deliveries = [sql.delivery_from_row(r) for r in rows]
-            found = await conn.fetch(_EVENTS_BY_IDS, sorted({d.event_id for d in deliveries}))
-        events = {e.id: e for e in map(sql.event_from_row, found)}
-        deliveries.sort(key=lambda d: d.next_attempt_at)  # RETURNING keeps no order
-        return [Claimed(d, events[d.event_id], lease_until) for d in deliveries]
+            rows = await conn.fetch(
+                _claim_query(len(skip_sinks)), lease_until, now, now, now, *skip_sinks, limit
+            )
+        return [
+            Claimed(
+                sql.delivery_from_row(r[:_DELIVERY_WIDTH]),
+                sql.event_from_row(r[_DELIVERY_WIDTH:]),
+                lease_until,
+            )
+            for r in rows
+        ]
 
     async def finish(self, attempts: Sequence[Attempt], now: float) -> None:
         # In id order, so two transactions finishing overlapping rows cannot deadlock.
@@ -351,8 +433,38 @@ class PostgresStore:
     # -- reconciliation and upkeep -----------------------------------------------------------
 
     async def overdue_jobs(self, now: float, limit: int) -> list[Job]:
+        """The overdue jobs, in the one process that holds the reconciler lock; [] elsewhere."""
+        if not await self._lead():
+            return []
         async with self._conn() as conn:
             return [sql.job_from_row(r) for r in await conn.fetch(_pg(sql.OVERDUE), now, limit)]
+
+    async def _lead(self) -> bool:
+        """Hold the reconciler lock, or try to take it (once per call).
+
+        A session advisory lock on a connection of its own: it lasts as long as that
+        connection, so a process that dies (or loses the connection) hands the role on to the
+        next process that asks. Re-checked on every call with one round trip.
+        """
+        conn = self._leader
+        try:
+            if conn is None or conn.is_closed():
+                self._leading = False
+                conn = self._leader = await asyncpg.connect(self.url, timeout=_CONNECT_TIMEOUT)
+            if self._leading:
+                await conn.fetchval("SELECT 1")  # still connected: still holding it
+            else:
+                self._leading = bool(
+                    await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RECONCILE_LOCK)
+                )
+                if self._leading:
+                    log.info("reconcile.leading")
+        except (*_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if conn is not None:
+                conn.terminate()
+            self._leader, self._leading = None, False
+            raise StoreUnavailable(f"postgres: {type(exc).__name__}: {exc}") from exc
+        return self._leading
 
     async def schedule_poll(self, job_id: str, next_poll_at: float | None, attempts: int) -> None:
         async with self._conn() as conn:

@@ -219,3 +219,115 @@ def scripted_service(tmp_path: Path, fake_vlmrun: FakeVlmRun) -> Iterator[Proces
     proc.start()
     yield proc
     proc.stop()
+
+
+# --- Process and server factories for the operations tests (proxy, logs, ops, openapi). ---
+
+
+@pytest.fixture
+def start_service(tmp_path: Path) -> Iterator[Any]:
+    """A factory: `start_service("serve", env={...})` runs a `receiver` command with SQLite in
+    tmp_path, the admin token, the webhook secret and JSON logs (each overridable by `env`),
+    waits until it answers `ready` (None: does not wait, for `receiver worker`), and returns its
+    Process; all are stopped at teardown. Logs go to tmp_path/<name>.log."""
+    started: list[Process] = []
+
+    def start(
+        *args: str,
+        env: dict[str, str] | None = None,
+        ready: str | None = "/healthz",
+        name: str = "service",
+    ) -> Process:
+        settings = {
+            "RECEIVER_DATABASE_URL": f"sqlite:///{tmp_path}/receiver.db",
+            "RECEIVER_PORT": str(free_port()),
+            "RECEIVER_ADMIN_TOKEN": ADMIN_TOKEN,
+            "RECEIVER_VLMRUN_WEBHOOK_SECRETS": WEBHOOK_SECRET,
+            "RECEIVER_LOG_FORMAT": "json",
+            **(env or {}),
+        }
+        proc = Process(
+            list(args) or ["serve"],
+            base_env(**settings),
+            tmp_path / f"{name}.log",
+            int(settings["RECEIVER_PORT"]),
+        )
+        started.append(proc)
+        if ready is not None:
+            return proc.start(ready)
+        with proc.log.open("ab") as out:
+            proc.proc = subprocess.Popen(
+                [sys.executable, "-m", "receiver", *proc.args],
+                env=proc.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        return proc
+
+    yield start
+    for proc in reversed(started):
+        proc.stop()
+
+
+@pytest.fixture
+def asgi_server() -> Iterator[Any]:
+    """A factory: `asgi_server(app)` serves an ASGI app on a free loopback port (uvicorn in a
+    thread) and returns its base URL; all are shut down at teardown."""
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def serve(app: Any) -> str:
+        port = free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the test ASGI server did not start")
+            time.sleep(0.01)
+        servers.append((server, thread))
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+# --- PostgreSQL for the scale-out tests. ---
+
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+
+
+def _pg_admin(statement: str) -> None:
+    """Run one statement on the server's `test` database (CREATE/DROP DATABASE), on a loop
+    of its own in another thread, so it works from any test, sync or async."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test", timeout=10)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, run()).result()
+
+
+@pytest.fixture
+def postgres_database(require_service: Any) -> Iterator[str]:
+    """The URL of a fresh, empty PostgreSQL database of this test's own (run `receiver
+    migrate` on it), dropped afterwards; skipped (failed when CI=true) without a server."""
+    import secrets
+
+    require_service(PG_HOST, PG_PORT, "PostgreSQL")
+    name = f"receiver_accept_{secrets.token_hex(6)}"
+    _pg_admin(f'CREATE DATABASE "{name}"')
+    yield f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{name}"
+    _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import orjson
 
 from receiver.models import (
@@ -29,10 +31,13 @@ def test_unknown_status_ranks_between_running_and_terminal() -> None:
 
 
 def test_ids_sort_by_creation_and_are_unique() -> None:
-    """Ids created later sort later (keyset pagination relies on it) and never repeat."""
+    """Ids made a millisecond apart sort in creation order (newest-first listings rely on it),
+    and ids never repeat."""
     ids = [new_id("job") for _ in range(1000)]
     assert len(set(ids)) == 1000
-    assert ids[0] < ids[-1]
+    earlier = new_id("job")
+    time.sleep(0.002)
+    assert earlier < new_id("job")
 
 
 def test_token_is_long_and_only_its_hash_is_kept() -> None:
