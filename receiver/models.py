@@ -14,29 +14,31 @@ from typing import Any
 import orjson
 
 # How far along a prediction is. A status only ever moves to a higher rank; an unknown status
-# (the API may add `cancelled`) is recorded and ranks between running and the terminal ones.
+# (the API may add `cancelled`) is recorded and ranks between running and the final ones.
 STATUS_RANK: dict[str, int] = {
     "enqueued": 0,
     "pending": 0,
-    "running": 1,
-    "paused": 1,
-    "completed": 3,
-    "failed": 3,
+    "running": 10,
+    "paused": 10,
+    "completed": 30,
+    "failed": 30,
 }
-UNKNOWN_STATUS_RANK = 2
-TERMINAL_RANK = 3
+UNKNOWN_STATUS_RANK = 20
 JOB_KINDS = ("document", "image", "audio", "video")
 
-# Job statuses of our own, before the API has a prediction: still submitting, or refused.
+# Job statuses of our own: still submitting, refused by the API, or given up on. The last two
+# are settled (nothing more is expected) but rank below the API's own final statuses, so a
+# result that does arrive late still replaces them: a result is never thrown away.
 SUBMITTING = "submitting"
 SUBMIT_FAILED = "submit_failed"
 TIMED_OUT = "timed_out"
+TERMINAL_RANK = 25  # at or above: settled, no longer polled nor counted as outstanding
 
 
 def status_rank(status: str) -> int:
-    """Rank of a prediction status; our own job statuses rank below every API status."""
-    if status in (SUBMITTING,):
-        return -1
+    """Rank of a status: API statuses by how far along they are, ours around them."""
+    if status == SUBMITTING:
+        return -10
     if status in (SUBMIT_FAILED, TIMED_OUT):
         return TERMINAL_RANK
     return STATUS_RANK.get(status, UNKNOWN_STATUS_RANK)

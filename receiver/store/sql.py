@@ -478,18 +478,21 @@ def time_out(conn: sqlite3.Connection, job_id: str, now: float) -> None:
     conn.execute(TIME_OUT, (TIMED_OUT, now, job_id))
 
 
-def prune(conn: sqlite3.Connection, before: float) -> int:
-    """Forget what is old and settled: attempts, delivered rows, and payloads nobody awaits."""
-    n = conn.execute("DELETE FROM attempts WHERE started_at < ?", (before,)).rowcount
-    n += conn.execute(
-        "DELETE FROM deliveries WHERE state = 'delivered' AND updated_at < ?", (before,)
-    ).rowcount
-    n += conn.execute(
-        "UPDATE events SET body = NULL WHERE received_at < ? AND body IS NOT NULL AND NOT EXISTS"
-        " (SELECT 1 FROM deliveries d WHERE d.event_id = events.id AND d.state <> 'delivered')",
-        (before,),
-    ).rowcount
-    return int(n)
+# Retention, one bounded batch per statement and call: the caller loops, committing between
+# batches, so a large first prune never holds the writer (and the callbacks) for long.
+PRUNE = (
+    "DELETE FROM attempts WHERE id IN (SELECT id FROM attempts WHERE started_at < ? LIMIT ?)",
+    "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries WHERE state = 'delivered'"
+    " AND updated_at < ? LIMIT ?)",
+    "UPDATE events SET body = NULL WHERE id IN (SELECT id FROM events WHERE received_at < ?"
+    " AND body IS NOT NULL AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id ="
+    " events.id AND d.state <> 'delivered') LIMIT ?)",
+)
+
+
+def prune_batch(conn: sqlite3.Connection, statement: str, before: float, limit: int) -> int:
+    """Forget one batch of what is old and settled; returns how many rows it touched."""
+    return int(conn.execute(statement, (before, limit)).rowcount)
 
 
 def stats(conn: sqlite3.Connection, now: float) -> Stats:

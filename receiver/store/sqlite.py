@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -288,8 +289,19 @@ class SqliteStore:
     async def time_out(self, job_id: str, now: float) -> None:
         await self._write(lambda c: sql.time_out(c, job_id, now))
 
-    async def prune(self, before: float) -> int:
-        return await self._write(lambda c: sql.prune(c, before))
+    async def prune(self, before: float, batch: int = 1000) -> int:
+        """Attempts, delivered rows and payloads nobody awaits, older than `before`."""
+        total = 0
+        for statement in sql.PRUNE:  # in this order: deleted deliveries free their payloads
+            run = functools.partial(
+                sql.prune_batch, statement=statement, before=before, limit=batch
+            )
+            while True:
+                n = await self._write(run)
+                total += n
+                if n < batch:
+                    break
+        return total
 
     async def stats(self, now: float) -> Stats:
         return await self._read(lambda c: sql.stats(c, now))

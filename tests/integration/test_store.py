@@ -530,6 +530,20 @@ async def test_overdue_jobs_schedule_poll_and_time_out(store: Store) -> None:
     assert (await store.stats(T0 + 300)).jobs_outstanding == 0
 
 
+async def test_a_late_result_replaces_timed_out(store: Store) -> None:
+    """A job given up on still takes the result when it finally arrives: nothing is lost."""
+    job, token = await new_job(store, next_poll_at=T0 + 10)
+    await store.time_out(job.id, T0 + 200)
+    late = await store.record(callback(token, "pred_late", "completed", at=T0 + 300))
+    assert late.outcome is Outcome.RECORDED
+    found = await store.get_job(job.id)
+    assert found is not None and found[0].status == "completed"
+    running = await store.record(callback(token, "pred_late2", "running", at=T0 + 301))
+    assert running.outcome is Outcome.RECORDED
+    found = await store.get_job(job.id)
+    assert found is not None and found[0].status == "completed"
+
+
 async def test_prune_forgets_settled_rows_but_keeps_awaited_payloads(store: Store) -> None:
     """Old delivered rows and attempts go, old payloads go unless a delivery still awaits them."""
     _, token = await new_job(store)
