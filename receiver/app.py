@@ -233,7 +233,7 @@ class ReceiverApp(Starlette):
     """Starlette, with callbacks dispatched straight to their endpoint (see routes.callbacks),
     and the path prefix (`RECEIVER_ROOT_PATH`) applied whether or not the proxy stripped it."""
 
-    callbacks: CallbackEndpoint
+    callbacks: CallbackEndpoint | None = None
     prefix: str = ""
     host_allowed: Callable[[Scope], bool] | None = None
 
@@ -242,7 +242,8 @@ class ReceiverApp(Starlette):
             if self.prefix:
                 _mount(scope, self.prefix)
             if (
-                scope["method"] == "POST"
+                self.callbacks is not None
+                and scope["method"] == "POST"
                 and callback_token(scope) is not None
                 and (self.host_allowed is None or self.host_allowed(scope))
             ):
@@ -271,7 +272,10 @@ def create_app(
     store: Store | None = None,
     http: httpx.AsyncClient | None = None,
     clock: Callable[[], float] = time.time,
+    ops_only: bool = False,
 ) -> Starlette:
+    """The service. `ops_only` serves just /healthz, /readyz and /metrics: what a
+    `receiver worker` exposes so that its own health and counters can be watched."""
     sink_configs = load_sinks(settings.sinks_file)
     store = store or open_store(settings.database_url, [s.route for s in sink_configs])
     http = http or httpx.AsyncClient(timeout=settings.vlmrun_timeout)
@@ -373,13 +377,16 @@ def create_app(
         Route("/healthz", ops.healthz),
         Route("/readyz", ops.readyz),
         Route("/metrics", ops.metrics),
-        Route("/openapi.json", openapi),
-        *jobs.routes,
-        *deliveries.routes,
-        # Callbacks normally never get here (ReceiverApp sends them straight to the endpoint);
-        # this route answers other methods with 405 and `Allow: POST`.
-        Route("/callbacks/vlmrun/{token}", callback_endpoint, methods=["POST"]),
     ]
+    if not ops_only:
+        routes += [
+            Route("/openapi.json", openapi),
+            *jobs.routes,
+            *deliveries.routes,
+            # Callbacks normally never get here (ReceiverApp sends them straight to the endpoint);
+            # this route answers other methods with 405 and `Allow: POST`.
+            Route("/callbacks/vlmrun/{token}", callback_endpoint, methods=["POST"]),
+        ]
     restrict_hosts = "*" not in settings.allowed_hosts
     # Client address and scheme come from X-Forwarded-*/Forwarded only from a trusted proxy.
     middleware = [
@@ -398,7 +405,7 @@ def create_app(
             HTTPException: _http_error,
         },
     )
-    app.callbacks = callback_endpoint
+    app.callbacks = None if ops_only else callback_endpoint
     app.prefix = settings.root_path.rstrip("/")
     app.host_allowed = _host_matcher(settings.allowed_hosts) if restrict_hosts else None
     app.state.services = svc

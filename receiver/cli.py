@@ -90,16 +90,35 @@ def serve(
 
 
 @app.command()
-def worker() -> None:
+def worker(
+    port: Annotated[
+        int | None,
+        typer.Option(help="Serve /healthz, /readyz and /metrics on this port (default: none)."),
+    ] = None,
+) -> None:
     """Run only the dispatcher and reconciler (scale-out, next to `serve --no-worker`)."""
     from receiver.app import create_app
 
     settings = settings_or_exit(worker=True)
     configure_logging(settings.log_format, settings.log_level)
     try:
-        application = create_app(settings)
+        application = create_app(settings, ops_only=True)
     except ReceiverError as exc:
         fail(str(exc))
+    if port is not None:
+        import uvicorn
+
+        signal.signal(signal.SIGTERM, _exit_cleanly)
+        uvicorn.run(
+            application,
+            host=settings.host,
+            port=port,
+            access_log=False,
+            log_config=None,
+            proxy_headers=False,
+            server_header=False,
+        )
+        return
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -341,3 +341,24 @@ def test_worker_exits_0_on_sigterm(start_service: Any) -> None:
     wait_for(lambda: "service.started" in worker.logs())
     assert worker.stop() == 0
     assert lines(worker)[-1]["event"] == "service.stopped"
+
+
+def test_worker_serves_health_and_metrics_on_its_port(start_service: Any) -> None:
+    """`receiver worker --port P` answers /healthz, /readyz and /metrics there, and nothing else:
+    operators can probe and scrape a worker, which accepts no callbacks or admin calls."""
+    port = free_port()
+    worker = start_service("worker", "--port", str(port), ready=None, name="worker")
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _answers(f"{base}/healthz"))
+    assert httpx.get(f"{base}/readyz").status_code == 200
+    assert "receiver_outbox_due" in httpx.get(f"{base}/metrics").text
+    assert httpx.get(f"{base}/v1/jobs", headers=ADMIN).status_code == 404
+    assert httpx.post(f"{base}/callbacks/vlmrun/abc", content=b"{}").status_code == 404
+    assert worker.stop() == 0
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
