@@ -1,6 +1,6 @@
 """Forwarding rate and latency: the outbox against a bare aiohttp loop, to one local HTTP sink.
 
-    python bench/forward.py [--events 20000] [--rounds 3] [--database-url postgresql://...]
+    python bench/forward.py [--events 20000] [--rounds 5] [--database-url postgresql://...]
 
 1. Rate. A minimal aiohttp app answers 200 in a process of its own on loopback (the sink).
    The baseline is the fastest bare client loop we know: aiohttp, `--concurrency` requests in
@@ -180,20 +180,33 @@ async def fill(url: str, n: int, record: bool) -> list[str]:
     return tokens
 
 
-async def envelopes_and_requeue(url: str) -> list[bytes]:
-    """The bodies the outbox sends (for the baseline), every delivery put back in the queue."""
+async def envelopes(url: str) -> list[bytes]:
+    """The bodies the outbox sends, read through the store API (for the baseline)."""
     store = open_store(url, [Route(SINK)])
-    bodies: list[bytes] = []
     try:
-        await store.requeue(time.time(), sink=SINK, only_dead=False)
-        # Claims at one instant with a 1 ms lease read every due row once, and leave it due
-        # again a millisecond later.
-        now = time.time()
-        while claimed := await store.claim(now, 5000, 0.001):
-            bodies += [c.event.envelope() for c in claimed]
+        event_ids: list[str] = []
+        cursor = None
+        while True:
+            page = await store.list_deliveries(None, SINK, 500, cursor)
+            event_ids += [d.event_id for d in page.items]  # type: ignore[union-attr]
+            if (cursor := page.next_cursor) is None:
+                break
+        bodies = []
+        for start in range(0, len(event_ids), 500):
+            events = await asyncio.gather(*map(store.get_event, event_ids[start : start + 500]))
+            bodies += [e.envelope() for e in events if e is not None]
     finally:
         await store.close()
     return bodies
+
+
+async def requeue(url: str) -> None:
+    """Every delivery back in the queue, due now (as `receiver replay` would do)."""
+    store = open_store(url, [Route(SINK)])
+    try:
+        await store.requeue(time.time(), sink=SINK, only_dead=False)
+    finally:
+        await store.close()
 
 
 @contextlib.asynccontextmanager
@@ -380,7 +393,7 @@ def percentile(values: list[float], q: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=20_000, help="deliveries per rate round")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians reported")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds; medians reported")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--light", type=int, default=200, help="callbacks for the latency phase")
     ap.add_argument("--light-rate", type=float, default=20.0, help="callbacks per second")
@@ -405,8 +418,10 @@ async def run(args: argparse.Namespace) -> None:
         async with fresh_database(args.database_url, tmp, "rate") as url:
             print(f"recording {args.events} callbacks in {where} ...", flush=True)
             await fill(url, args.events, record=True)
+            bodies = await envelopes(url)
             for r in range(args.rounds):
-                bodies = await envelopes_and_requeue(url)
+                if r:
+                    await requeue(url)
                 bare.append(await baseline(sink_url, bodies, args.concurrency))
                 outbox.append(await outbox_rate(url, tmp, sink_url, args.events, args.concurrency))
                 print(

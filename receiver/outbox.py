@@ -17,13 +17,17 @@ metrics (`receiver_sink_circuit_open` stays 1). A row whose sink is no longer in
 file is handed back untouched and that sink skipped from then on (`outbox.unknown_sink`).
 
 How the loop stays fast and fair:
-- per sink at most `concurrency` sends run at once, and at most twice that many rows are
-  claimed ahead; a sink at its bound is skipped by the claim, so a slow sink never holds
-  the claims (nor the leases) another sink needs;
+- per sink at most `concurrency` sends run at once (a pool of sender tasks working through
+  the sink's queue; `limits` sets it per sink), and at most 4 x that many rows are claimed
+  ahead, a claim made once half of that is free; a sink at that
+  bound is skipped by the claim, so a slow sink never holds rows (nor leases) it cannot
+  send soon, nor the claims another sink needs;
 - claims are made in batches (a claim costs about as much for 1 row as for 100), and
   finished attempts are written back in batches by one flusher: one commit for many rows;
 - it wakes when a row is written (the store's `wait_for_work`), when a retry or a paused
-  sink falls due, and otherwise on the `poll_interval` timer (other processes' writes).
+  sink falls due, and otherwise on the `poll_interval` timer (other processes' writes);
+- every attempt is in the store's attempt log; the log gets a line per failed attempt
+  (`delivery.attempted`), successes only at debug level.
 
 `stop()` stops claiming, lets sends in flight finish for `drain_seconds`, then hands every
 row it still holds back to the queue (due at once, attempts untouched), so a restart or
@@ -130,10 +134,13 @@ class _SinkState:
     policy: RetryPolicy
     breaker: Breaker
     seconds: Any  # the sink's child of metrics.delivery_seconds (labels() once, not per send)
+    limit: int  # sends in flight at most
+    depth: int  # rows claimed ahead at most: queued or being sent
+    chunk: int  # claim for this sink once this many rows of `depth` are free
     outcomes: dict[str, Any] = field(default_factory=dict)
     queue: deque[Claimed] = field(default_factory=deque)  # claimed, waiting for a sender
     busy: int = 0  # claimed and not yet sent (or handed back): queued or being sent
-    senders: int = 0  # sender tasks running for this sink, at most `concurrency`
+    senders: int = 0  # sender tasks running for this sink, at most `limit`
     disabled: str | None = None
     probe_busy: bool = False
 
@@ -171,30 +178,32 @@ class Dispatcher:
         poll_interval: float = 2.0,
         drain_seconds: float = 10.0,
         breaker: Callable[[], Breaker] = Breaker,
+        limits: Mapping[str, int] | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.clock = clock
         self.batch = batch
-        self.concurrency = concurrency
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self.drain_seconds = drain_seconds
-        # Rows claimed ahead per sink, so the next ones are at hand the moment a send ends;
-        # a claim is made once half of that has room (see _round). Measured: claims of 128
-        # rows instead of 32 cut the dispatcher's own cost per delivery by a third.
-        self.depth = 4 * concurrency
-        self.low_water = self.depth - max(1, min(batch, self.depth // 2))
-        self.sinks = {
-            name: _SinkState(
+        self.sinks: dict[str, _SinkState] = {}
+        for name, sink in sinks.items():
+            limit = (limits or {}).get(name, concurrency)
+            # Rows claimed ahead, so the next ones are at hand the moment a send ends; and
+            # claimed in chunks: measured, claims of 128 rows instead of 32 cut the
+            # dispatcher's own cost per delivery by a third.
+            depth = 4 * limit
+            self.sinks[name] = _SinkState(
                 name,
                 sink,
                 policies.get(name, RetryPolicy()),
                 breaker(),
                 metrics.delivery_seconds.labels(name),
+                limit,
+                depth,
+                max(1, min(batch, depth // 2)),
             )
-            for name, sink in sinks.items()
-        }
         self._unknown: set[str] = set()  # sinks met in the outbox but not configured here
         self._senders: set[asyncio.Task[None]] = set()
         self._finished: list[Attempt] = []  # sent or handed back, not yet written back
@@ -227,7 +236,11 @@ class Dispatcher:
             if not self.sinks:
                 await self._stopping.wait()
             while not self._stopping.is_set():
-                await self._round()
+                try:
+                    await self._round()
+                except Exception:  # a bug (or an unwrapped driver error) must not stop forwarding
+                    log.exception("outbox.round_failed")
+                    await self._sleep(self.poll_interval)
         finally:
             if not self._stopping.is_set():  # cancelled without stop(): nobody will flush
                 self._flusher.cancel()
@@ -237,19 +250,18 @@ class Dispatcher:
         now = self.clock()
         skip = self.paused_sinks(now) + sorted(self._unknown)
         room = 0
+        worth_it = not any(s.busy for s in self.sinks.values())
         for name, s in self.sinks.items():
             if name in skip:
                 continue
-            if s.busy >= self.depth:
+            if s.busy >= s.depth:
                 skip.append(name)
             else:
-                room += self.depth - s.busy
-        room = min(self.batch, room)
+                room += s.depth - s.busy
+                worth_it = worth_it or s.depth - s.busy >= s.chunk
         # With rows in hand, wait until a worthwhile batch fits rather than claim a few rows
         # at a time: a claim costs about as much for one row as for a hundred.
-        busy = any(s.busy for s in self.sinks.values())
-        if busy and room < self.depth - self.low_water:
-            room = 0
+        room = min(self.batch, room) if worth_it else 0
         if self._unflushed >= 2 * self.batch:  # the store lags behind: let it catch up
             room = 0
         if room == 0:
@@ -325,9 +337,9 @@ class Dispatcher:
             return
         state.queue.append(item)
         state.busy += 1
-        if state.senders < self.concurrency:
+        if state.senders < state.limit:
             # A sender works through the queue until it is empty, so under load a task is
-            # made per `concurrency` rows, not per row.
+            # made per `limit` rows, not per row.
             state.senders += 1
             task = asyncio.create_task(self._send_queued(state))
             self._senders.add(task)
@@ -345,20 +357,28 @@ class Dispatcher:
                     state.busy -= 1
                     self._finish(_released(item, self.clock()))
                     raise
+                except Exception:  # a bug here must not leak the sink's capacity
+                    log.exception("outbox.send_failed", sink=state.name)
+                    attempt = _released(item, self.clock() + self.poll_interval)
                 state.busy -= 1
                 self._finish(attempt)
-                if state.busy == self.low_water:
-                    self._kick.set()  # room for a batch
+                if state.busy == state.depth - state.chunk:
+                    self._kick.set()  # room for a chunk
         finally:
             state.senders -= 1
 
     async def _attempt_or_release(self, item: Claimed, state: _SinkState) -> Attempt:
-        """Send, unless the sink was paused meanwhile (or we are stopping): then hand the row
-        back unsent, so a sink that is down burns one probe per cool-down instead of every
-        row's attempts."""
+        """Send, unless the sink was paused meanwhile, the row's lease is half gone, or we are
+        stopping: then hand the row back unsent (a sink that is down burns one probe per
+        cool-down instead of every row's attempts)."""
         now = self.clock()
         breaker = state.breaker
         if self._stopping.is_set():
+            return _released(item, now)
+        if item.lease_until - now < self.lease_seconds / 2:
+            # It waited behind a slow sink for half its lease: a send now could outlast the
+            # lease while another claim (ours or another worker's) sends it again. A fresh
+            # claim gives it a fresh lease.
             return _released(item, now)
         if state.disabled or not breaker.allows(now) or (breaker.probing and state.probe_busy):
             return _released(item, max(now + _PAUSED_RECHECK, breaker.open_until))
@@ -469,8 +489,11 @@ class Dispatcher:
         batch, self._finished = self._finished, []
         try:
             await self.store.finish(batch, self.clock())
-        except StoreError as exc:
-            log.error("outbox.finish_failed", deliveries=len(batch), error=str(exc))
+        except Exception as exc:  # StoreError, or a bug: either way the flusher lives on
+            if isinstance(exc, StoreError):
+                log.error("outbox.finish_failed", deliveries=len(batch), error=str(exc))
+            else:
+                log.exception("outbox.finish_failed", deliveries=len(batch))
             # Keep them (while they pile up, nothing more is claimed) and try again, until
             # their leases run out: then the rows are claimed again anyway.
             if not self._closing and self.clock() < max(a.lease_until for a in batch):
@@ -507,4 +530,9 @@ class Dispatcher:
                 state.busy -= 1
         self._closing = True
         self._flush_wake.set()
-        await asyncio.gather(self._flusher, return_exceptions=True)
+        # A store that hangs must not hang the shutdown: unwritten rows keep their leases.
+        done, _ = await asyncio.wait({self._flusher}, timeout=self.drain_seconds)
+        if not done:
+            log.error("outbox.final_flush_timeout", deliveries=self._unflushed)
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)

@@ -32,7 +32,7 @@ from receiver.errors import StoreUnavailable
 from receiver.metrics import Metrics
 from receiver.models import Delivery, Incoming, Job, Route, hash_token, new_callback_token, new_id
 from receiver.outbox import Breaker, Dispatcher, RetryPolicy
-from receiver.sinks import Sink, open_sink
+from receiver.sinks import Message, Receipt, Sink, open_sink
 from receiver.store import Store, open_store
 
 FAST = (0.0, 0.2, 0.2)  # three attempts, 0.2 s apart (±20 %)
@@ -556,6 +556,28 @@ async def test_stop_gives_up_on_a_slow_send_and_hands_its_row_back(
     assert consumer.arrivals(fast)[0].headers["webhook-id"] == event_id
 
 
+async def test_rows_waiting_behind_a_slow_sink_are_not_sent_on_a_stale_lease(
+    harness: Any, consumer: Consumer
+) -> None:
+    """A sink slower than the lease allows (one at a time, 0.6 s each, 1 s leases): rows that
+    waited for half their lease go back for a fresh one instead of being sent late, so no
+    event is sent twice, and all arrive."""
+    url = consumer.endpoint(Answer(200, delay=0.6))
+    h = await harness(["erp"])
+    events = [await h.record() for _ in range(4)]
+    h.start(
+        [http_sink("erp", url, new_secret())],
+        concurrency=1,
+        lease_seconds=1.0,
+        poll_interval=0.05,
+    )
+    delivered = await eventually(lambda: _delivered(h, "erp"), timeout=15)
+    assert sorted(d.event_id for d in delivered) == sorted(events)
+    assert all(d.attempts == 1 for d in delivered)
+    ids = [a.headers["webhook-id"] for a in consumer.arrivals(url)]
+    assert sorted(ids) == sorted(events)
+
+
 async def test_a_sink_removed_from_the_sinks_file_does_not_stop_the_others(
     harness: Any, tmp_path: Path
 ) -> None:
@@ -624,6 +646,44 @@ async def test_a_store_outage_pauses_forwarding_without_losing_or_repeating_even
     assert not any(task.done() for _, task in h.dispatchers)
 
 
+class CrashingSink:
+    """A sink with a bug: its first send raises something that is not a SinkError."""
+
+    name = "buggy"
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def send(self, message: Message) -> Receipt:
+        self.sent.append(message.event_id)
+        if len(self.sent) == 1:
+            raise KeyError("oops")
+        return Receipt(snippet="ok")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_sink_bug_is_an_attempt_that_failed_not_a_stopped_dispatcher(
+    harness: Any,
+) -> None:
+    """A sink raising an unexpected error: the attempt is logged with that error and retried,
+    and the dispatcher carries on."""
+    h = await harness(["buggy"])
+    event_id = await h.record()
+    sink = CrashingSink()
+    dispatcher = Dispatcher(
+        h.store, {"buggy": sink}, {"buggy": RetryPolicy(FAST)}, Metrics(), poll_interval=0.1
+    )
+    h.dispatchers.append((dispatcher, asyncio.create_task(dispatcher.run())))
+    (delivery,) = await eventually(lambda: _delivered(h, "buggy"))
+    assert sink.sent == [event_id, event_id]
+    assert [(n, code, error) for n, code, error, *_ in h.attempts(delivery.id)] == [
+        (1, None, "KeyError: 'oops'"),
+        (2, None, None),
+    ]
+
+
 # -- waking, concurrency -------------------------------------------------------------------------
 
 
@@ -683,6 +743,24 @@ async def test_each_sink_has_its_own_bound_and_a_slow_one_does_not_hold_up_anoth
     await eventually(lambda: len(consumer.arrivals(slow)) == 40, timeout=20)
     assert consumer.most_in_flight(slow) == 3
     assert consumer.most_in_flight(fast) <= 3
+
+
+async def test_a_sink_can_have_a_lower_bound_of_its_own(harness: Any, consumer: Consumer) -> None:
+    """A sink given its own limit (a consumer that takes 2 requests at a time) gets at most 2
+    at once, while another sink uses the dispatcher's default."""
+    narrow = consumer.endpoint(Answer(200, delay=0.2))
+    wide = consumer.endpoint(Answer(200, delay=0.2))
+    h = await harness(["narrow", "wide"])
+    for _ in range(12):
+        await h.record()
+    h.start(
+        [http_sink("narrow", narrow, new_secret()), http_sink("wide", wide, new_secret())],
+        concurrency=6,
+        limits={"narrow": 2},
+    )
+    await eventually(lambda: len(consumer.arrivals(narrow)) == 12, timeout=10)
+    assert consumer.most_in_flight(narrow) == 2
+    assert consumer.most_in_flight(wide) == 6
 
 
 async def test_a_replayed_dead_delivery_is_sent_again_with_the_same_id(
