@@ -176,6 +176,7 @@ def create_app(
         clock=clock,
         batch=settings.dispatch_batch,
         concurrency=settings.dispatch_concurrency,
+        limits={c.name: c.concurrency for c in sink_configs if c.concurrency},
         lease_seconds=settings.lease_seconds,
         poll_interval=settings.poll_interval,
     )

@@ -343,6 +343,23 @@ def claim_query(skip_sinks: Sequence[str], lock: str = "") -> str:
     return CLAIM.format(skip=skip, lock=lock)
 
 
+# SQLite's claim: the due pending rows and the expired leases each come from the index in
+# order, with their own LIMIT. The single OR of CLAIM made SQLite sort every due row on every
+# claim (5 ms at 40k due rows, against 0.06 ms this way). PostgreSQL keeps CLAIM: it must lock
+# candidates (FOR UPDATE SKIP LOCKED), which a UNION cannot.
+SQLITE_CLAIM = f"""
+UPDATE deliveries SET state = 'leased', lease_until = ?, updated_at = ?
+WHERE id IN (SELECT id FROM (
+    SELECT id, next_attempt_at FROM (SELECT id, next_attempt_at FROM deliveries
+        WHERE state = 'pending' AND next_attempt_at <= ? {{skip}} ORDER BY next_attempt_at LIMIT ?)
+    UNION ALL
+    SELECT id, next_attempt_at FROM (SELECT id, next_attempt_at FROM deliveries
+        WHERE state = 'leased' AND lease_until <= ? {{skip}} ORDER BY next_attempt_at LIMIT ?)
+) ORDER BY next_attempt_at LIMIT ?)
+RETURNING {DELIVERY_COLUMNS}
+"""
+
+
 def claim(
     conn: sqlite3.Connection,
     now: float,
@@ -351,12 +368,13 @@ def claim(
     skip_sinks: Sequence[str],
 ) -> list[Claimed]:
     lease_until = now + lease_seconds
-    rows = conn.execute(
-        claim_query(skip_sinks), (lease_until, now, now, now, *skip_sinks, limit)
-    ).fetchall()
+    skip = f"AND sink NOT IN ({', '.join('?' * len(skip_sinks))})" if skip_sinks else ""
+    params = (lease_until, now, now, *skip_sinks, limit, now, *skip_sinks, limit, limit)
+    rows = conn.execute(SQLITE_CLAIM.format(skip=skip), params).fetchall()
     if not rows:
         return []
-    deliveries = [delivery_from_row(r) for r in rows]
+    # RETURNING gives no order; due order matters (oldest first).
+    deliveries = sorted(map(delivery_from_row, rows), key=lambda d: d.next_attempt_at)
     ids = sorted({d.event_id for d in deliveries})
     events = {
         e.id: e
