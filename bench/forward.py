@@ -28,7 +28,6 @@ import hashlib
 import hmac
 import os
 import secrets
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -46,6 +45,8 @@ import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import cpu_seconds, free_port, prediction, wait_up  # noqa: E402
 
 from receiver.models import (  # noqa: E402
     Incoming,
@@ -87,25 +88,6 @@ def serve_sink(port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"{url}: the process exited with {proc.returncode}")
-        try:
-            httpx.get(url, timeout=0.5)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    sys.exit(f"{url} did not come up")
-
-
 @contextlib.contextmanager
 def running(
     cmd: list[str], log: Path, env: dict[str, str] | None = None
@@ -124,26 +106,6 @@ def running(
 
 
 # -- the store ---------------------------------------------------------------------------------
-
-
-def prediction(i: int) -> bytes:
-    return orjson.dumps(
-        {
-            "id": f"pred_bench_{i}",
-            "status": "completed",
-            "domain": "document.invoice",
-            "created_at": "2026-11-24T08:00:00Z",
-            "completed_at": "2026-11-24T08:00:09Z",
-            "response": {
-                "invoice_id": f"INV-{i}",
-                "issuer_name": "Acme GmbH",
-                "total_amount": 1234.5,
-                "currency": "EUR",
-                "items": [{"description": "Widget", "quantity": 3, "unit_price": 411.5}],
-            },
-            "usage": {"elements_processed": 1, "element_type": "page", "credits_used": 1},
-        }
-    )
 
 
 async def fill(url: str, n: int, record: bool) -> list[str]:
@@ -262,12 +224,6 @@ class Progress:
 
 
 # -- the two sides of the rate comparison ------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Run:

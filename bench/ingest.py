@@ -17,7 +17,6 @@ import hmac
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,11 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-import orjson
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import cpu_seconds, free_port, prediction, wait_up  # noqa: E402
 
 from receiver.models import Job, hash_token, new_callback_token, new_id  # noqa: E402
 from receiver.store import open_store  # noqa: E402
@@ -61,12 +59,6 @@ function request()
   return requests[counter]
 end
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ensure_wrk() -> str:
@@ -124,43 +116,9 @@ async def count_events(url: str) -> int:
 def write_requests(path: Path, tokens: list[str], first: int = 0) -> None:
     with path.open("w") as out:
         for i, token in enumerate(tokens, start=first):
-            body = orjson.dumps(
-                {
-                    "id": f"pred_bench_{i}",
-                    "status": "completed",
-                    "domain": "document.invoice",
-                    "created_at": "2026-11-24T08:00:00Z",
-                    "completed_at": "2026-11-24T08:00:09Z",
-                    "response": {
-                        "invoice_id": f"INV-{i}",
-                        "issuer_name": "Acme GmbH",
-                        "total_amount": 1234.5,
-                        "currency": "EUR",
-                        "items": [{"description": "Widget", "quantity": 3, "unit_price": 411.5}],
-                    },
-                    "usage": {"elements_processed": 1, "element_type": "page", "credits_used": 1},
-                }
-            )
+            body = prediction(i)
             sig = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
             out.write(f"/callbacks/vlmrun/{token}\t{sig}\t{body.decode()}\n")
-
-
-def wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
-    for _ in range(400):
-        if proc.poll() is not None:
-            sys.exit(f"server exited with {proc.returncode}")
-        try:
-            httpx.get(url, timeout=0.5)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    sys.exit(f"{url} did not come up")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_wrk(

@@ -16,6 +16,16 @@ import pytest
 import uvicorn
 
 
+async def read_body(receive: Any) -> bytes:
+    """The whole request body of an ASGI request (test servers read it before answering)."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
 def require_service(host: str, port: int, name: str) -> None:
     """Skip the test when `name` does not answer on host:port; fail instead when CI=true.
 
@@ -84,12 +94,7 @@ class WebhookServer:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         assert scope["type"] == "http"
-        body = b""
-        while True:
-            event = await receive()
-            body += event.get("body", b"")
-            if not event.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         with self._lock:
             self._received.setdefault(scope["path"], []).append(

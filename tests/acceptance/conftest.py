@@ -20,6 +20,8 @@ import orjson
 import pytest
 import uvicorn
 
+from tests.conftest import read_body
+
 ADMIN_TOKEN = "acceptance-admin-token"
 API_KEY = "sim-api-key"
 WEBHOOK_SECRET = "acceptance-webhook-secret"
@@ -154,12 +156,7 @@ class FakeVlmRun:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         status, answer = 404, {"detail": "not found"}
         if scope["method"] == "POST" and scope["path"].endswith("/generate"):
             self._count += 1
@@ -331,3 +328,18 @@ def postgres_database(require_service: Any) -> Iterator[str]:
     _pg_admin(f'CREATE DATABASE "{name}"')
     yield f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{name}"
     _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def submit(service: Process, n: int = 1) -> list[dict[str, Any]]:
+    """n invoice jobs submitted through the admin API (each must be accepted)."""
+    jobs = []
+    for i in range(n):
+        r = httpx.post(
+            f"{service.url}/v1/jobs",
+            json={"url": f"https://example.com/doc-{i}.pdf", "domain": "document.invoice"},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            timeout=30,
+        )
+        assert r.status_code == 201, r.text
+        jobs.append(r.json())
+    return jobs

@@ -13,25 +13,13 @@ import httpx
 import orjson
 import pytest
 
-from tests.acceptance.conftest import ADMIN_TOKEN, FakeVlmRun, Process, signed
+from tests.acceptance.conftest import ADMIN_TOKEN, FakeVlmRun, Process, signed, submit
 
 pytestmark = pytest.mark.acceptance
 
 
 def prediction(pred_id: str, status: str, **extra: object) -> bytes:
     return orjson.dumps({"id": pred_id, "status": status, "domain": "document.invoice", **extra})
-
-
-def submit(admin: httpx.Client, service: Process, n: int = 1) -> list[dict[str, object]]:
-    jobs = []
-    for i in range(n):
-        r = admin.post(
-            f"{service.url}/v1/jobs",
-            json={"url": f"https://example.com/doc-{i}.pdf", "domain": "document.invoice"},
-        )
-        assert r.status_code == 201, r.text
-        jobs.append(r.json())
-    return jobs
 
 
 def events_of(admin: httpx.Client, service: Process, job_id: object) -> list[dict[str, object]]:
@@ -119,7 +107,7 @@ def test_verification_and_bad_input(
     scripted_service: Process, fake_vlmrun: FakeVlmRun, admin: httpx.Client
 ) -> None:
     """Forged signature 401, unknown token 404, non-JSON 400, not-a-prediction 422; none stored."""
-    (job,) = submit(admin, scripted_service)
+    (job,) = submit(scripted_service)
     callback_url = fake_vlmrun.callback_urls[str(job["prediction_id"])]
     body = prediction(str(job["prediction_id"]), "completed")
 
@@ -142,7 +130,7 @@ def test_oversized_body_is_refused_without_reading_it(
     scripted_service: Process, fake_vlmrun: FakeVlmRun, admin: httpx.Client
 ) -> None:
     """A body announced over the limit gets 413 before it is sent; a chunked one is cut off."""
-    (job,) = submit(admin, scripted_service)
+    (job,) = submit(scripted_service)
     path = fake_vlmrun.callback_urls[str(job["prediction_id"])].split(
         str(scripted_service.port), 1
     )[1]
@@ -169,7 +157,7 @@ def test_duplicates_and_stale_statuses_change_nothing(
 ) -> None:
     """A replayed callback is a duplicate; `running` after `completed` leaves the job completed;
     a second prediction id on the same token is recorded and linked."""
-    (job,) = submit(admin, scripted_service)
+    (job,) = submit(scripted_service)
     pred = str(job["prediction_id"])
     url = fake_vlmrun.callback_urls[pred]
     completed = prediction(pred, "completed", response={"total_amount": 10})
@@ -199,7 +187,7 @@ def test_every_acknowledged_callback_survives_sigkill(
 ) -> None:
     """Callbacks pour in; the service is SIGKILLed mid-stream and restarted: every callback
     that got a 2xx is in the store."""
-    jobs = submit(admin, scripted_service, 40)
+    jobs = submit(scripted_service, 40)
     acknowledged: list[tuple[object, str]] = []
     lost: list[object] = []
 

@@ -28,6 +28,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from tests.acceptance.conftest import ADMIN_TOKEN, API_KEY, FakeVlmRun, Process, signed
+from tests.conftest import read_body
 
 pytestmark = pytest.mark.acceptance
 
@@ -58,12 +59,7 @@ class Consumer:
             return [a for a in self._arrivals if status is None or a.status == status]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         with self._lock:
             status = self.status
             headers = {k.decode(): v.decode() for k, v in scope["headers"]}

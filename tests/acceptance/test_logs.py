@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from tests.acceptance.conftest import Process, base_env, free_port, signed
+from tests.conftest import read_body
 
 pytestmark = pytest.mark.acceptance
 
@@ -33,12 +34,7 @@ class RecordingRelay:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         if scope["path"].endswith("/generate"):
             self.callback_urls.append(orjson.loads(body)["callback_url"])
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"host", b"content-length")]

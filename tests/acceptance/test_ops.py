@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.acceptance.conftest import ADMIN_TOKEN, FakeVlmRun, Process, free_port, signed
+from tests.acceptance.conftest import ADMIN_TOKEN, FakeVlmRun, Process, free_port, signed, submit
 
 pytestmark = pytest.mark.acceptance
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -60,19 +60,6 @@ class SlowVlmRun(FakeVlmRun):
 def fake_api(asgi_server: Any, fake: FakeVlmRun) -> FakeVlmRun:
     fake.url = f"{asgi_server(fake)}/v1"
     return fake
-
-
-def submit(service: Process, n: int = 1) -> list[dict[str, Any]]:
-    jobs = []
-    for i in range(n):
-        r = httpx.post(
-            f"{service.url}/v1/jobs",
-            json={"url": f"https://example.com/{i}.pdf", "domain": "document.invoice"},
-            headers=ADMIN,
-        )
-        assert r.status_code == 201, r.text
-        jobs.append(r.json())
-    return jobs
 
 
 def call_back(fake: FakeVlmRun, job: dict[str, Any], status: str = "completed") -> httpx.Response:

@@ -19,6 +19,7 @@ from tests.acceptance.conftest import (
     Process,
     free_port,
     signed,
+    submit,
 )
 
 pytestmark = pytest.mark.acceptance
@@ -61,18 +62,6 @@ class ScriptedPredictions(FakeVlmRun):
         headers = [(b"content-type", b"application/json")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": orjson.dumps(answer)})
-
-
-def submit(admin: httpx.Client, service: Process, n: int = 1) -> list[dict[str, Any]]:
-    jobs = []
-    for i in range(n):
-        r = admin.post(
-            f"{service.url}/v1/jobs",
-            json={"url": f"https://example.com/doc-{i}.pdf", "domain": "document.invoice"},
-        )
-        assert r.status_code == 201, r.text
-        jobs.append(r.json())
-    return jobs
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -134,7 +123,7 @@ def test_every_job_completes_through_polling_when_every_callback_is_dropped(
             "RECEIVER_JOB_DEADLINE": "30",
         },
     )
-    jobs = submit(admin, service, 20)
+    jobs = submit(service, 20)
 
     def all_done() -> list[dict[str, Any]] | None:
         states = [job_state(admin, service, j["id"]) for j in jobs]
@@ -167,7 +156,7 @@ def test_a_late_callback_after_recovery_creates_no_second_event(
             "RECEIVER_VLMRUN_BASE_URL": scripted_api.url,
         },
     )
-    (job,) = submit(admin, service)
+    (job,) = submit(service)
     body = scripted_api.finish(job["prediction_id"])
     wait_for(lambda: job_state(admin, service, job["id"])["status"] == "completed", 10, "poll")
 
@@ -194,7 +183,7 @@ def test_a_job_that_never_finishes_is_timed_out(
             "RECEIVER_JOB_DEADLINE": "2",
         },
     )
-    (job,) = submit(admin, service)
+    (job,) = submit(service)
     started = time.monotonic()
     wait_for(lambda: job_state(admin, service, job["id"])["status"] == "timed_out", 10, "timeout")
     assert time.monotonic() - started >= 1.5  # not before its deadline
@@ -218,7 +207,7 @@ def test_what_fell_overdue_while_down_is_reconciled_at_start(
             "RECEIVER_POLL_INTERVAL": "60",  # idle: only the start-up round can find them
         },
     )
-    jobs = submit(admin, service, 3)
+    jobs = submit(service, 3)
     service.stop()
     for job in jobs:
         scripted_api.finish(job["prediction_id"])

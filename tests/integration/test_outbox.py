@@ -34,6 +34,7 @@ from receiver.models import Delivery, Incoming, Job, Route, hash_token, new_call
 from receiver.outbox import Breaker, Dispatcher, RetryPolicy
 from receiver.sinks import Message, Receipt, Sink, open_sink
 from receiver.store import Store, open_store
+from tests.conftest import read_body
 
 FAST = (0.0, 0.2, 0.2)  # three attempts, 0.2 s apart (±20 %)
 
@@ -91,12 +92,7 @@ class Consumer:
         return self._endpoints[url.removeprefix(self.base_url)].most_in_flight
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         endpoint = self._endpoints[scope["path"]]
         with self._lock:
             headers = {k.decode(): v.decode() for k, v in scope["headers"]}
