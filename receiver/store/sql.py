@@ -2,7 +2,8 @@
 
 The statements are written once with `?` placeholders and portable SQL (ON CONFLICT,
 RETURNING); the PostgreSQL backend numbers the placeholders (`numbered`) and runs the same
-text. The functions below are the SQLite operations; each runs inside the writer's (or the
+text, except where it does better in one statement (recording a callback) or must lock
+(claiming). The functions below are the SQLite operations; each runs inside the writer's (or the
 reader's) transaction and never commits on its own.
 """
 
@@ -63,9 +64,6 @@ ON CONFLICT (id) DO NOTHING
 SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
 SELECT_EVENT = f"SELECT {EVENT_COLUMNS} FROM events WHERE id = ?"
 EVENTS_OF_JOB = f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = ? ORDER BY received_at, id"
-JOB_BY_TOKEN = "SELECT id, domain FROM jobs WHERE token_hash = ?"
-JOB_BY_ID = "SELECT id, domain FROM jobs WHERE id = ?"
-PREDICTION = "SELECT job_id, status, status_rank FROM predictions WHERE id = ?"
 # The job and what is known of the prediction, in one round: the callback hot path.
 _JOB_AND_PREDICTION = """
 SELECT j.id, j.domain, j.status_rank, p.job_id, p.status, p.status_rank
