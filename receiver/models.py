@@ -161,10 +161,11 @@ class Route:
     statuses: tuple[str, ...] = ()
     domains: tuple[str, ...] = ()
 
+    def wants_status(self, status: str) -> bool:
+        return not self.statuses or status in self.statuses
+
     def matches(self, status: str, domain: str) -> bool:
-        return (not self.statuses or status in self.statuses) and (
-            not self.domains or domain in self.domains
-        )
+        return self.wants_status(status) and (not self.domains or domain in self.domains)
 
 
 class Outcome(StrEnum):

@@ -299,7 +299,7 @@ class PostgresStore:
         rank = status_rank(incoming.status)
         # The routes that want this status; their domain filters are applied in SQL, where
         # the event's domain (the callback's, else the job's) is known.
-        routes = [r for r in self.routes if not r.statuses or incoming.status in r.statuses]
+        routes = [r for r in self.routes if r.wants_status(incoming.status)]
         by_token = incoming.token_hash is not None
         event_id = new_id("evt")
         async with self._conn() as conn:

@@ -64,33 +64,6 @@ ON CONFLICT (id) DO NOTHING
 SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
 SELECT_EVENT = f"SELECT {EVENT_COLUMNS} FROM events WHERE id = ?"
 EVENTS_OF_JOB = f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = ? ORDER BY received_at, id"
-# The job and what is known of the prediction, in one round: the callback hot path.
-_JOB_AND_PREDICTION = """
-SELECT j.id, j.domain, j.status_rank, p.job_id, p.status, p.status_rank
-FROM jobs j LEFT JOIN predictions p ON p.id = ?
-WHERE j.{key} = ?
-"""
-JOB_AND_PREDICTION_BY_TOKEN = _JOB_AND_PREDICTION.format(key="token_hash")
-JOB_AND_PREDICTION_BY_ID = _JOB_AND_PREDICTION.format(key="id")
-INSERT_EVENT = f"""
-INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (prediction_id, status) DO NOTHING
-RETURNING id
-"""
-UPSERT_PREDICTION = """
-INSERT INTO predictions (id, job_id, status, status_rank, updated_at) VALUES (?, ?, ?, ?, ?)
-ON CONFLICT (id) DO UPDATE SET status = excluded.status, status_rank = excluded.status_rank,
-    updated_at = excluded.updated_at
-WHERE predictions.status_rank < excluded.status_rank
-"""
-# A job's status only moves forward; its first prediction id is the one it reports.
-ADVANCE_JOB = f"""
-UPDATE jobs SET status = ?, status_rank = ?, updated_at = ?,
-    prediction_id = COALESCE(prediction_id, ?),
-    completed_at = CASE WHEN ? >= {TERMINAL_RANK} THEN ? ELSE completed_at END,
-    next_poll_at = CASE WHEN ? >= {TERMINAL_RANK} THEN NULL ELSE next_poll_at END
-WHERE id = ? AND status_rank < ?
-"""
 INSERT_DELIVERY = """
 INSERT INTO deliveries (event_id, sink, state, attempts, next_attempt_at, created_at, updated_at)
 VALUES (?, ?, 'pending', 0, ?, ?, ?)
@@ -194,29 +167,6 @@ def submitted_params(
     return (prediction_id, rank, status, rank, rank, error, now, rank, now, rank, job_id)
 
 
-def event_params(event: Event) -> tuple[Any, ...]:
-    return (
-        event.id,
-        event.job_id,
-        event.prediction_id,
-        event.status,
-        event.domain,
-        event.source,
-        event.verification,
-        event.received_at,
-        event.body,
-    )
-
-
-def advance_params(event: Event, rank: int) -> tuple[Any, ...]:
-    t = event.received_at
-    return (event.status, rank, t, event.prediction_id, rank, t, rank, event.job_id, rank)
-
-
-def matching_sinks(routes: Sequence[Route], status: str, domain: str) -> tuple[str, ...]:
-    return tuple(r.sink for r in routes if r.matches(status, domain))
-
-
 def judge(job_id: str, incoming: Incoming, known: Sequence[Any] | None) -> Outcome | None:
     """Decide from the prediction's recorded state alone; None means "try to record it".
 
@@ -231,20 +181,6 @@ def judge(job_id: str, incoming: Incoming, known: Sequence[Any] | None) -> Outco
     if incoming.status != known[1] and status_rank(incoming.status) <= known[2]:
         return Outcome.STALE
     return None
-
-
-def new_event(job_id: str, job_domain: str, incoming: Incoming) -> Event:
-    return Event(
-        id=new_id("evt"),
-        job_id=job_id,
-        prediction_id=incoming.prediction_id,
-        status=incoming.status,
-        domain=incoming.domain or job_domain,
-        source=incoming.source,
-        verification=incoming.verification,
-        received_at=incoming.received_at,
-        body=incoming.body,
-    )
 
 
 # -- SQLite operations (run by the writer or reader thread) ---------------------------------
@@ -270,31 +206,124 @@ def set_submitted(
     return job_from_row(row)
 
 
-def record(conn: sqlite3.Connection, incoming: Incoming, routes: Sequence[Route]) -> RecordResult:
-    query, key = (
-        (JOB_AND_PREDICTION_BY_TOKEN, incoming.token_hash)
-        if incoming.token_hash is not None
-        else (JOB_AND_PREDICTION_BY_ID, incoming.job_id)
-    )
-    row = conn.execute(query, (incoming.prediction_id, key)).fetchone()
-    if row is None:
-        return RecordResult(Outcome.UNKNOWN_TOKEN)
-    job_id, job_domain, job_rank = row[0], row[1], row[2]
-    verdict = judge(job_id, incoming, row[3:] if row[3] is not None else None)
-    if verdict is not None:
-        return RecordResult(verdict, job_id)
-    event = new_event(job_id, job_domain, incoming)
-    if conn.execute(INSERT_EVENT, event_params(event)).fetchone() is None:
-        return RecordResult(Outcome.DUPLICATE, job_id)
-    rank = status_rank(event.status)
-    t = event.received_at
-    conn.execute(UPSERT_PREDICTION, (event.prediction_id, job_id, event.status, rank, t))
-    if job_rank < rank:
-        conn.execute(ADVANCE_JOB, advance_params(event, rank))
-    sinks = matching_sinks(routes, event.status, event.domain)
-    if sinks:
-        conn.executemany(INSERT_DELIVERY, [(event.id, s, t, t, t) for s in sinks])
-    return RecordResult(Outcome.RECORDED, job_id, event.id, sinks)
+# Recording on SQLite: one INSERT into a view records a whole batch of incoming prediction
+# states; the view's trigger does, row by row, what recording one takes. One statement is one
+# transaction (atomic, and durable before it returns) and one stretch of C code in which
+# SQLite releases the GIL: the writer's thread runs it while the event loop serves requests.
+# The trigger applies each row fully before the next, so rows of the same job or prediction
+# behave as if they had come one after the other.
+RECORDER = (
+    """
+    CREATE TEMP VIEW IF NOT EXISTS incoming AS SELECT NULL AS id, NULL AS token_hash,
+        NULL AS job_id, NULL AS prediction_id, NULL AS status, NULL AS rank, NULL AS domain,
+        NULL AS source, NULL AS verification, NULL AS received_at, NULL AS body, NULL AS sinks
+    WHERE 0
+    """,
+    # 1. the event, if the job exists and the prediction may take this status (the rule of
+    #    `judge`); the unique (prediction_id, status) key drops duplicates;
+    # 2-4. only if the event went in: the prediction's state, the job (only forwards), and
+    #    one delivery per candidate sink (`sinks`: [name, domains or null]) that wants its domain.
+    f"""
+    CREATE TEMP TRIGGER IF NOT EXISTS record_incoming INSTEAD OF INSERT ON incoming
+    BEGIN
+        INSERT INTO events ({EVENT_COLUMNS})
+        SELECT NEW.id, j.id, NEW.prediction_id, NEW.status, COALESCE(NEW.domain, j.domain),
+            NEW.source, NEW.verification, NEW.received_at, NEW.body
+        FROM jobs j
+        WHERE j.id = COALESCE(NEW.job_id, (SELECT id FROM jobs WHERE token_hash = NEW.token_hash))
+          AND NOT EXISTS (SELECT 1 FROM predictions p WHERE p.id = NEW.prediction_id
+              AND (p.job_id <> j.id OR (p.status <> NEW.status AND p.status_rank >= NEW.rank)))
+        ON CONFLICT (prediction_id, status) DO NOTHING;
+
+        INSERT INTO predictions (id, job_id, status, status_rank, updated_at)
+        SELECT prediction_id, job_id, status, NEW.rank, received_at FROM events WHERE id = NEW.id
+        ON CONFLICT (id) DO UPDATE SET status = excluded.status,
+            status_rank = excluded.status_rank, updated_at = excluded.updated_at
+        WHERE predictions.status_rank < excluded.status_rank;
+
+        UPDATE jobs SET status = NEW.status, status_rank = NEW.rank,
+            updated_at = NEW.received_at,
+            prediction_id = COALESCE(prediction_id, NEW.prediction_id),
+            completed_at = CASE WHEN NEW.rank >= {TERMINAL_RANK} THEN NEW.received_at
+                ELSE completed_at END,
+            next_poll_at = CASE WHEN NEW.rank >= {TERMINAL_RANK} THEN NULL ELSE next_poll_at END
+        WHERE id = (SELECT job_id FROM events WHERE id = NEW.id) AND status_rank < NEW.rank;
+
+        INSERT INTO deliveries (event_id, sink, state, attempts, next_attempt_at, created_at,
+            updated_at)
+        SELECT e.id, r.value ->> 0, 'pending', 0, NEW.received_at, NEW.received_at,
+            NEW.received_at
+        FROM events e, json_each(NEW.sinks) r
+        WHERE e.id = NEW.id AND (r.value ->> 1 IS NULL
+            OR e.domain IN (SELECT value FROM json_each(r.value -> 1)))
+        ON CONFLICT (event_id, sink) DO NOTHING;
+    END
+    """,
+)
+# The body travels as a JSON string and is stored as the same bytes (it is UTF-8 JSON).
+RECORD = """
+INSERT INTO incoming (id, token_hash, job_id, prediction_id, status, rank, domain, source,
+    verification, received_at, body, sinks)
+SELECT v ->> 0, v ->> 1, v ->> 2, v ->> 3, v ->> 4, v ->> 5, v ->> 6, v ->> 7, v ->> 8, v ->> 9,
+    CAST(v ->> 10 AS BLOB), v -> 11
+FROM (SELECT value AS v FROM json_each(?))
+"""
+# What recording did, per row: the job, the event if it went in (with its deliveries' sinks),
+# and the prediction's state now, which tells why an event did not go in.
+RECORDED = """
+SELECT json_group_array(json_array(b.key, j.id, e.id, p.job_id, p.status, p.status_rank,
+    (SELECT json_group_array(sink) FROM deliveries d WHERE d.event_id = e.id)))
+FROM json_each(?) b
+LEFT JOIN jobs j ON j.id = COALESCE(b.value ->> 1,
+    (SELECT id FROM jobs WHERE token_hash = b.value ->> 0))
+LEFT JOIN events e ON e.id = b.value ->> 3
+LEFT JOIN predictions p ON p.id = b.value ->> 2
+"""
+
+
+def record(
+    conn: sqlite3.Connection, batch: Sequence[Incoming], routes: Sequence[Route]
+) -> list[RecordResult]:
+    """Record each verified prediction state of `batch`; one result each, in order.
+
+    Runs outside any transaction: the one statement that records is its own.
+    """
+    rows, keys = [], []
+    for incoming in batch:
+        event_id = new_id("evt")
+        wanted = [r for r in routes if r.wants_status(incoming.status)]
+        sinks = [(r.sink, r.domains or None) for r in wanted]
+        rows.append(
+            (
+                event_id,
+                incoming.token_hash,
+                incoming.job_id,
+                incoming.prediction_id,
+                incoming.status,
+                status_rank(incoming.status),
+                incoming.domain,
+                incoming.source,
+                incoming.verification,
+                incoming.received_at,
+                incoming.body.decode(),
+                sinks,
+            )
+        )
+        keys.append((incoming.token_hash, incoming.job_id, incoming.prediction_id, event_id))
+    conn.execute(RECORD, (orjson.dumps(rows),))
+    (found,) = conn.execute(RECORDED, (orjson.dumps(keys),)).fetchone()
+    results = [RecordResult(Outcome.UNKNOWN_TOKEN)] * len(batch)
+    for i, job_id, event_id, *known, sinks in orjson.loads(found):
+        if job_id is None:
+            continue
+        if event_id is not None:
+            results[i] = RecordResult(Outcome.RECORDED, job_id, event_id, tuple(sinks))
+        else:
+            # Not recorded: the prediction's state now says why (rows that changed nothing can
+            # be taken to have come last).
+            verdict = judge(job_id, batch[i], known if known[0] is not None else None)
+            results[i] = RecordResult(verdict or Outcome.DUPLICATE, job_id)
+    return results
 
 
 def get_job(conn: sqlite3.Connection, job_id: str) -> tuple[Job, list[Event]] | None:

@@ -1,19 +1,22 @@
 """SQLite backend: one file, WAL, and group commit through a single writer.
 
-Why group commit: SQLite allows one writer at a time, and a commit costs an fsync. Every write
-is a function handed to the writer, which runs everything queued in one transaction and
-commits once, then wakes each caller with its own result. So concurrent callbacks share one
-fsync, and each caller still hears back only after its data is committed
-(`synchronous=FULL`: committed means on disk). Reads use a second connection in a thread of
-their own (WAL lets them proceed during writes).
+Why group commit: SQLite allows one writer at a time, and a commit costs an fsync. Writes are
+handed to the writer thread, which takes everything queued at once and commits it together,
+then wakes each caller with its own result. So concurrent callbacks share one fsync, and each
+caller still hears back only after its data is committed (`synchronous=FULL`: committed means
+on disk). Recording callbacks, the hot path, is one statement per batch (see `sql.RECORDER`).
+Reads use a second connection in a thread of their own (WAL lets them proceed during writes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
+import itertools
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,9 +31,13 @@ from receiver.store import Attempt, Page, Stats, sql
 from receiver.store.schema import MIGRATIONS, VERSION_TABLE, render
 
 T = TypeVar("T")
+A = TypeVar("A")
 log = structlog.get_logger(__name__)
-_MAX_BATCH = 512
-_Item = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
+_MAX_BATCH = 1024
+# A write: an operation that takes the connection and the arguments of every request queued
+# for it, and returns one result per argument, in order.
+_Op = Callable[[sqlite3.Connection, list[Any]], list[Any]]
+_Item = tuple[_Op, Any, "asyncio.Future[Any]"]
 _Result = tuple[Any, BaseException | None]
 
 
@@ -44,85 +51,112 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-class _Writer:
-    """The one writer. `submit(fn)` runs `fn(conn)` inside a transaction shared with every
-    other write queued meanwhile, and returns once that transaction has committed.
+def _in_transaction(
+    conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]
+) -> list[Any]:
+    """The plain writes queued together, in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        values = [fn(conn) for fn in fns]
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return values
 
-    The statements run on the event loop thread: each takes microseconds, and running them
-    here avoids a thread hop and a fight over the GIL per statement. Only BEGIN (which may
-    wait for another process's lock) and COMMIT (the fsync) go to a thread; while a commit is
-    on disk, the next batch gathers.
+
+class _Writer:
+    """The one writer: a thread with its own connection. `submit(op, arg)` queues a write;
+    each caller hears back once its write has committed.
+
+    Every request queued meanwhile for the same operation runs as one call,
+    `op(conn, [arg, ...])`, which commits all of them at once (so they share an fsync) and
+    returns one result per argument. The thread takes the next batch as soon as one is done,
+    without waiting for the event loop, and SQLite releases the GIL while it works and while
+    it waits for the disk: the loop answers one batch while the next is being written.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, setup: Sequence[str] = ()) -> None:
         self._path = path
-        self._pending: list[_Item] = []
-        self._wake = asyncio.Event()
+        self._setup = setup
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._wake = threading.Event()
         self._closing = False
-        self._task: asyncio.Task[None] | None = None
+        self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-commit")
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         self._conn = _connect(self._path)
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="sqlite-writer")
+        for statement in self._setup:
+            self._conn.execute(statement)
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
+        self._thread.start()
 
-    async def submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def submit(self, op: Callable[[sqlite3.Connection, list[A]], list[T]], arg: A) -> T:
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((fn, fut))
+        self._queue.append((op, arg, fut))
         self._wake.set()
         return await fut
 
     async def stop(self) -> None:
-        if self._task is not None:
+        if self._thread is not None:
             self._closing = True  # the writer commits what is queued, then returns
             self._wake.set()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-        self._io.shutdown(wait=True)
 
-    async def _run(self) -> None:
+    def _run(self) -> None:
+        """The writer's thread."""
+        assert self._loop is not None
         while True:
-            await self._wake.wait()
+            self._wake.wait()
             self._wake.clear()
-            batch, self._pending = self._pending[:_MAX_BATCH], self._pending[_MAX_BATCH:]
-            if self._pending or self._closing:
+            batch: list[_Item] = []
+            while self._queue and len(batch) < _MAX_BATCH:
+                batch.append(self._queue.popleft())
+            if self._queue:
                 self._wake.set()
-            if not batch and self._closing:
-                return
-            if batch:
-                results = await self._run_batch(batch)
-                for (_, fut), (value, err) in zip(batch, results, strict=True):
-                    if fut.done():
-                        continue
-                    if err is not None:
-                        fut.set_exception(err)
-                    else:
-                        fut.set_result(value)
+            if not batch:
+                if self._closing:
+                    return
+                continue
+            results = self._write(batch)
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+                self._loop.call_soon_threadsafe(_settle, batch, results)
 
-    async def _in_thread(self, statement: str) -> None:
-        conn = self._conn
-        assert conn is not None
-        await asyncio.get_running_loop().run_in_executor(self._io, conn.execute, statement)
+    def _write(self, batch: list[_Item]) -> list[_Result]:
+        """In the writer's thread: one call per operation."""
+        results: list[_Result] = []
+        for op, items in itertools.groupby(batch, key=lambda item: item[0]):
+            results += self._call(op, [arg for _, arg, _ in items])
+        return results
 
-    async def _run_batch(self, batch: list[_Item]) -> list[_Result]:
+    def _call(self, op: _Op, args: list[Any]) -> list[_Result]:
         conn = self._conn
         assert conn is not None
         try:
-            await self._in_thread("BEGIN IMMEDIATE")
-            results: list[_Result] = [(fn(conn), None) for fn, _ in batch]
-            await self._in_thread("COMMIT")
-            return results
+            return [(value, None) for value in op(conn, args)]
         except Exception as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if len(batch) == 1:
+            if len(args) == 1:
                 return [(None, _wrap(exc))]
-        # One item failed and took the batch down with it: redo each alone so only it fails.
-        return [(await self._run_batch([item]))[0] for item in batch]
+        # One request failed and took the others down with it: redo each alone, so only it fails.
+        return [self._call(op, [arg])[0] for arg in args]
+
+
+def _settle(batch: list[_Item], results: list[_Result]) -> None:
+    for (_, _, fut), (value, err) in zip(batch, results, strict=True):
+        if fut.done():
+            continue
+        if err is not None:
+            fut.set_exception(err)
+        else:
+            fut.set_result(value)
 
 
 def _wrap(exc: Exception) -> Exception:
@@ -147,7 +181,9 @@ class SqliteStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.routes = tuple(routes)
         self._work = asyncio.Event()
-        self._writer = _Writer(self.path)
+        self._writer = _Writer(self.path, setup=sql.RECORDER)
+        # One object, so the writer sees concurrent callbacks as one operation: one batch.
+        self._record = functools.partial(sql.record, routes=self.routes)
         self._reader: sqlite3.Connection | None = None
         self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-reader")
         self._started = False
@@ -165,7 +201,7 @@ class SqliteStore:
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         self._start()
-        return await self._writer.submit(fn)
+        return await self._writer.submit(_in_transaction, fn)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         self._start()
@@ -232,7 +268,8 @@ class SqliteStore:
     # -- events ------------------------------------------------------------------------------
 
     async def record(self, incoming: Incoming) -> RecordResult:
-        result = await self._write(lambda c: sql.record(c, incoming, self.routes))
+        self._start()
+        result = await self._writer.submit(self._record, incoming)
         if result.sinks:
             self._work.set()  # wake the dispatcher: new deliveries are due now
         return result

@@ -7,6 +7,7 @@ template) and drives the store only through the `Store` protocol, with the clock
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import cast
@@ -242,7 +243,10 @@ async def test_unknown_token_stores_nothing(store: Store) -> None:
 async def test_event_keeps_the_body_as_received(store: Store) -> None:
     """The stored event carries the exact bytes that arrived, and the job's domain."""
     _, token = await new_job(store)
-    incoming = callback(token, "pred_1", "completed")
+    body = (
+        '{"id": "pred_1",\n "status":"completed", "response": {"name": "Zoë \\"Ω\\" 😀 \\u0001"}} '
+    )
+    incoming = dataclasses.replace(callback(token, "pred_1", "completed"), body=body.encode())
     result = await store.record(incoming)
     assert result.event_id is not None
     event = await store.get_event(result.event_id)
@@ -454,6 +458,47 @@ async def test_concurrent_duplicates_are_recorded_once(store: Store) -> None:
     found = await store.get_job(job.id)
     assert found is not None and len(found[1]) == 1
     assert len(await all_deliveries(store)) == len(ROUTES)
+
+
+async def test_concurrent_callbacks_each_get_the_answer_they_would_get_alone(store: Store) -> None:
+    """Callbacks recorded together (one group commit) are judged one by one: duplicates,
+    stale states, conflicts, unknown tokens and two predictions of one job in the same batch."""
+    job_a, a = await new_job(store)
+    job_b, b = await new_job(store)
+    job_c, c = await new_job(store)
+    await store.record(callback(a, "pred_a", "completed", at=T0 + 1))
+    batch = [
+        callback(a, "pred_a", "running", at=T0 + 2),  # older than recorded
+        callback(a, "pred_a", "completed", at=T0 + 2),  # already recorded
+        callback(b, "pred_a", "completed", at=T0 + 2),  # job A's prediction
+        callback(hash_token("forged"), "pred_x", "completed", at=T0 + 2),
+        callback(b, "pred_b", "completed", at=T0 + 2),
+        callback(c, "pred_c1", "completed", at=T0 + 2),
+        callback(c, "pred_c2", "completed", at=T0 + 3),  # a second prediction of job C
+        callback(None, "pred_b", "completed", at=T0 + 4, job_id=job_b.id),  # polled: same
+    ]
+    results = await asyncio.gather(*(store.record(i) for i in batch))
+    assert [r.outcome for r in results] == [
+        Outcome.STALE,
+        Outcome.DUPLICATE,
+        Outcome.CONFLICT,
+        Outcome.UNKNOWN_TOKEN,
+        Outcome.RECORDED,
+        Outcome.RECORDED,
+        Outcome.RECORDED,
+        Outcome.DUPLICATE,
+    ]
+    for job, predictions in (
+        (job_a, ["pred_a"]),
+        (job_b, ["pred_b"]),
+        (job_c, ["pred_c1", "pred_c2"]),
+    ):
+        found = await store.get_job(job.id)
+        assert found is not None and found[0].status == "completed"
+        assert sorted(e.prediction_id for e in found[1]) == predictions
+    recorded = [r for r in results if r.outcome is Outcome.RECORDED]
+    assert all(set(r.sinks) == {"all", "finished", "invoices"} for r in recorded)
+    assert len(await all_deliveries(store)) == 3 * 4
 
 
 async def test_concurrent_claims_never_return_the_same_row(
