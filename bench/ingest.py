@@ -190,7 +190,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=5, help="per round and server")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians reported")
     ap.add_argument("--connections", type=int, default=64)
-    ap.add_argument("--callbacks", type=int, default=150_000, help="distinct callbacks prepared")
+    ap.add_argument("--callbacks", type=int, default=300_000, help="distinct callbacks prepared")
     ap.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
     args = ap.parse_args()
     wrk = ensure_wrk()

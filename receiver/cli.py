@@ -64,6 +64,7 @@ def serve(
     import uvicorn
 
     from receiver.app import create_app
+    from receiver.server import OneWriteHttpToolsProtocol
 
     overrides: dict[str, Any] = {"worker": False} if no_worker else {}
     overrides |= {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
@@ -80,6 +81,7 @@ def serve(
         application,
         host=settings.host,
         port=settings.port,
+        http=OneWriteHttpToolsProtocol,
         # No root_path here: the app applies RECEIVER_ROOT_PATH itself (stripped or not).
         access_log=False,  # ours redacts callback tokens (receiver.app.RequestContext)
         proxy_headers=False,  # handled by the app, for the configured trusted proxies only
