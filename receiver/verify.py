@@ -45,7 +45,7 @@ def check_signature(secrets: list[str], body: bytes, header: str | None) -> str:
         raise Rejected(401, "X-VLMRun-Signature must be sha256=<hex>")
     given = header[len(SIGNATURE_PREFIX) :].strip().lower().encode()
     for secret in secrets:
-        expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest().encode()
+        expected = hmac.digest(secret.encode(), body, "sha256").hex().encode()
         if hmac.compare_digest(expected, given):
             return "hmac-sha256"
     raise Rejected(401, "signature does not match")

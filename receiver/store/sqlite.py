@@ -98,7 +98,8 @@ class _Writer:
     async def submit(self, op: Callable[[sqlite3.Connection, list[A]], list[T]], arg: A) -> T:
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.append((op, arg, fut))
-        self._wake.set()
+        if not self._wake.is_set():  # the writer clears it before it takes what is queued
+            self._wake.set()
         return await fut
 
     async def stop(self) -> None:
