@@ -66,6 +66,53 @@ def _in_transaction(
     return values
 
 
+class _Checkpointer:
+    """Copies the WAL back into the database file from a thread of its own, at most every
+    `interval` seconds while writes go on (`PRAGMA wal_checkpoint(PASSIVE)`: it never blocks
+    the writer). SQLite's default does it inside a writer's commit every 1000 pages, which,
+    measured, cost the writer a quarter of its time per callback.
+    """
+
+    def __init__(self, path: str, interval: float = 0.1) -> None:
+        self._path = path
+        self._interval = interval
+        self._written = threading.Event()
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def written(self) -> None:
+        if not self._written.is_set():
+            self._written.set()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._closing.set()
+            self._written.set()
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        conn = _connect(self._path)
+        try:
+            while True:
+                self._written.wait()
+                self._written.clear()
+                if self._closing.is_set():
+                    return
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # the next commit wakes us to try again
+                    log.warning("sqlite.checkpoint_failed", error=str(exc))
+                if self._closing.wait(self._interval):
+                    return
+        finally:
+            conn.close()
+
+
 class _Writer:
     """The one writer: a thread with its own connection. `submit(op, arg)` queues a write;
     each caller hears back once its write has committed.
@@ -86,9 +133,12 @@ class _Writer:
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._checkpointer = _Checkpointer(path)
 
     def start(self) -> None:
         self._conn = _connect(self._path)
+        self._conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's job
+        self._checkpointer.start()
         for statement in self._setup:
             self._conn.execute(statement)
         self._loop = asyncio.get_running_loop()
@@ -108,6 +158,7 @@ class _Writer:
             self._wake.set()
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        await asyncio.to_thread(self._checkpointer.stop)
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -128,6 +179,7 @@ class _Writer:
                     return
                 continue
             results = self._write(batch)
+            self._checkpointer.written()
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
                 self._loop.call_soon_threadsafe(_settle, batch, results)
 
