@@ -131,8 +131,8 @@ _DELIVERY_WIDTH = len(sql.DELIVERY_COLUMNS.split(","))
 def _claim_query(skipped: int) -> str:
     """CLAIM (FOR UPDATE SKIP LOCKED), returning each row with its event, due first."""
     claim = sql.claim_query(["?"] * skipped, lock="FOR UPDATE SKIP LOCKED")
-    delivery = ", ".join(f"c.{c.strip()}" for c in sql.DELIVERY_COLUMNS.split(","))
-    event = ", ".join(f"e.{c.strip()}" for c in sql.EVENT_COLUMNS.split(","))
+    delivery = sql.qualified("c", sql.DELIVERY_COLUMNS)
+    event = sql.qualified("e", sql.EVENT_COLUMNS)
     return sql.numbered(
         f"WITH c AS ({claim}) SELECT {delivery}, {event}"
         " FROM c JOIN events e ON e.id = c.event_id ORDER BY c.next_attempt_at, c.id"

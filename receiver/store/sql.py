@@ -107,6 +107,11 @@ SELECT
 _PLACEHOLDER = re.compile(r"\?")
 
 
+def qualified(alias: str, columns: str) -> str:
+    """`a, b` as `t.a, t.b`."""
+    return ", ".join(f"{alias}.{c.strip()}" for c in columns.split(","))
+
+
 def numbered(statement: str) -> str:
     """`?` placeholders as PostgreSQL's `$1, $2, ...`."""
     counter = iter(range(1, 10_000))
@@ -370,21 +375,33 @@ def claim_query(skip_sinks: Sequence[str], lock: str = "") -> str:
     return CLAIM.format(skip=skip, lock=lock)
 
 
-# SQLite's claim: the due pending rows and the expired leases each come from the index in
-# order, with their own LIMIT. The single OR of CLAIM made SQLite sort every due row on every
-# claim (5 ms at 40k due rows, against 0.06 ms this way). PostgreSQL keeps CLAIM: it must lock
-# candidates (FOR UPDATE SKIP LOCKED), which a UNION cannot.
-SQLITE_CLAIM = f"""
-UPDATE deliveries SET state = 'leased', lease_until = ?, updated_at = ?
-WHERE id IN (SELECT id FROM (
+# SQLite's claim and write-back work on JSON arrays of rows: a few statements whatever the
+# number of rows, where RETURNING or executemany step once per row, each step handing the GIL
+# from the writer's thread to the event loop and back.
+#
+# The due pending rows and the expired leases each come from the index in order, with their
+# own LIMIT. The single OR of CLAIM made SQLite sort every due row on every claim (5 ms at 40k
+# due rows, against 0.06 ms this way). PostgreSQL keeps CLAIM: it must lock candidates
+# (FOR UPDATE SKIP LOCKED), which a UNION cannot.
+SQLITE_CLAIMABLE = """
+SELECT json_group_array(id) FROM (
     SELECT id, next_attempt_at FROM (SELECT id, next_attempt_at FROM deliveries
-        WHERE state = 'pending' AND next_attempt_at <= ? {{skip}} ORDER BY next_attempt_at LIMIT ?)
+        WHERE state = 'pending' AND next_attempt_at <= ? {skip} ORDER BY next_attempt_at LIMIT ?)
     UNION ALL
     SELECT id, next_attempt_at FROM (SELECT id, next_attempt_at FROM deliveries
-        WHERE state = 'leased' AND lease_until <= ? {{skip}} ORDER BY next_attempt_at LIMIT ?)
-) ORDER BY next_attempt_at LIMIT ?)
-RETURNING {DELIVERY_COLUMNS}
+        WHERE state = 'leased' AND lease_until <= ? {skip} ORDER BY next_attempt_at LIMIT ?)
+    ORDER BY next_attempt_at LIMIT ?)
 """
+SQLITE_LEASE = """
+UPDATE deliveries SET state = 'leased', lease_until = ?, updated_at = ?
+WHERE id IN (SELECT value FROM json_each(?))
+"""
+SQLITE_CLAIMED = f"""
+SELECT json_group_array(json_array({qualified("d", DELIVERY_COLUMNS)},
+    {qualified("e", EVENT_COLUMNS.removesuffix(", body"))}, hex(e.body)))
+FROM json_each(?) c JOIN deliveries d ON d.id = c.value JOIN events e ON e.id = d.event_id
+"""
+_DELIVERY_WIDTH = len(DELIVERY_COLUMNS.split(","))
 
 
 def claim(
@@ -396,23 +413,24 @@ def claim(
 ) -> list[Claimed]:
     lease_until = now + lease_seconds
     skip = f"AND sink NOT IN ({', '.join('?' * len(skip_sinks))})" if skip_sinks else ""
-    params = (lease_until, now, now, *skip_sinks, limit, now, *skip_sinks, limit, limit)
-    rows = conn.execute(SQLITE_CLAIM.format(skip=skip), params).fetchall()
-    if not rows:
+    params = (now, *skip_sinks, limit, now, *skip_sinks, limit, limit)
+    (ids,) = conn.execute(SQLITE_CLAIMABLE.format(skip=skip), params).fetchone()
+    if ids == "[]":
         return []
-    # RETURNING gives no order; due order matters (oldest first).
-    deliveries = sorted(map(delivery_from_row, rows), key=lambda d: d.next_attempt_at)
-    ids = sorted({d.event_id for d in deliveries})
-    events = {
-        e.id: e
-        for e in map(
-            event_from_row,
-            conn.execute(
-                f"SELECT {EVENT_COLUMNS} FROM events WHERE id IN ({', '.join('?' * len(ids))})", ids
-            ).fetchall(),
+    conn.execute(SQLITE_LEASE, (lease_until, now, ids))
+    (found,) = conn.execute(SQLITE_CLAIMED, (ids,)).fetchone()
+    claimed = []
+    for row in orjson.loads(found):
+        *event, body = row[_DELIVERY_WIDTH:]
+        claimed.append(
+            Claimed(
+                delivery_from_row(row[:_DELIVERY_WIDTH]),
+                event_from_row((*event, bytes.fromhex(body) if body is not None else None)),
+                lease_until,
+            )
         )
-    }
-    return [Claimed(d, events[d.event_id], lease_until) for d in deliveries]
+    claimed.sort(key=lambda c: c.delivery.next_attempt_at)  # due order: oldest first
+    return claimed
 
 
 def finish_params(a: Attempt, now: float) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -439,12 +457,34 @@ def finish_params(a: Attempt, now: float) -> tuple[tuple[Any, ...], tuple[Any, .
     return attempt_row, update
 
 
+SQLITE_INSERT_ATTEMPTS = """
+INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, status_code, error, snippet)
+SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6
+FROM json_each(?)
+"""
+# FINISH for many rows, with its lease guard. (`+state`: find each row by its id; the index
+# on state would have SQLite walk every leased row for each one.)
+SQLITE_FINISH = """
+UPDATE deliveries SET state = a.state, attempts = a.attempt, next_attempt_at = a.next_at,
+    lease_until = NULL, last_error = a.error, updated_at = ?1,
+    delivered_at = CASE WHEN a.state = 'delivered' THEN ?1 ELSE delivered_at END
+FROM (SELECT value ->> 0 AS id, value ->> 1 AS state, value ->> 2 AS attempt,
+    value ->> 3 AS next_at, value ->> 4 AS error, value ->> 5 AS lease_until
+    FROM json_each(?2)) AS a
+WHERE deliveries.id = a.id AND +deliveries.state = 'leased'
+  AND deliveries.lease_until = a.lease_until
+"""
+
+
 def finish(conn: sqlite3.Connection, attempts: Sequence[Attempt], now: float) -> None:
-    rows = [finish_params(a, now) for a in attempts]
-    conn.executemany(
-        INSERT_ATTEMPT, [r[0] for r, a in zip(rows, attempts, strict=True) if not a.released]
-    )
-    conn.executemany(FINISH, [r[1] for r in rows])
+    tried = [finish_params(a, now)[0] for a in attempts if not a.released]
+    if tried:
+        conn.execute(SQLITE_INSERT_ATTEMPTS, (orjson.dumps(tried),))
+    outcomes = [
+        (a.delivery_id, a.state, a.attempt, a.next_attempt_at, a.error, a.lease_until)
+        for a in attempts
+    ]
+    conn.execute(SQLITE_FINISH, (now, orjson.dumps(outcomes)))
 
 
 def requeue_query(
