@@ -34,6 +34,7 @@ T = TypeVar("T")
 A = TypeVar("A")
 log = structlog.get_logger(__name__)
 _MAX_BATCH = 1024
+_SQLITE_NEEDED = (3, 38)
 # A write: an operation that takes the connection and the arguments of every request queued
 # for it, and returns one result per argument, in order.
 _Op = Callable[[sqlite3.Connection, list[Any]], list[Any]]
@@ -81,6 +82,7 @@ class _Checkpointer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        self._closing.clear()  # a store can be opened again after close()
         self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
         self._thread.start()
 
@@ -136,6 +138,7 @@ class _Writer:
         self._checkpointer = _Checkpointer(path)
 
     def start(self) -> None:
+        self._closing = False  # a store can be opened again after close()
         self._conn = _connect(self._path)
         self._conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's job
         self._checkpointer.start()
@@ -245,6 +248,12 @@ class SqliteStore:
 
     def _start(self) -> None:
         if not self._started:
+            if sqlite3.sqlite_version_info < _SQLITE_NEEDED:
+                raise StoreError(
+                    f"SQLite {'.'.join(map(str, _SQLITE_NEEDED))} or newer is needed (JSON"
+                    f" operators, UPDATE ... FROM); this Python has {sqlite3.sqlite_version}."
+                    " Use PostgreSQL, or a Python built with a newer SQLite."
+                )
             try:
                 self._writer.start()
                 self._reader = _connect(self.path)
