@@ -199,7 +199,7 @@ class Reconciler:
                 job_id=job.id,
                 prediction_id=prediction_id,
                 status=status,
-                domain=domain if isinstance(domain, str) else None,
+                domain=domain if isinstance(domain, str) and domain else None,  # else the job's
                 source="poll",
                 verification="poll",
                 body=orjson.dumps(prediction),

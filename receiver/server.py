@@ -5,12 +5,13 @@ then the body in a second write. For the small JSON answers this service gives (
 200), the second system call and the second TCP segment cost as much as the first: a tenth
 of the callback route's time. Here a connection's writes are gathered until the event loop
 has run what is ready, then sent in one write; past `FLUSH_BYTES` (a large body), or on
-close, what is gathered goes at once.
+close or end of stream, what is gathered goes at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -41,6 +42,14 @@ class _GatheredWrites:
             self._parts, self._size = [], 0
             if not self._transport.is_closing():
                 self._transport.write(data)
+
+    def writelines(self, list_of_data: Iterable[bytes]) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
 
     def close(self) -> None:
         self.flush()

@@ -67,6 +67,13 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.AdminShutdownError,
 )
 
+# Any other driver error (InternalClientError: e.g. the pool closed under a query).
+_DRIVER: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
+
 # `?` -> `$n` once per distinct statement (the dynamic ones have a handful of shapes each).
 _pg = functools.cache(sql.numbered)
 
@@ -159,7 +166,7 @@ def _translated() -> Iterator[None]:
         yield
     except _UNAVAILABLE as exc:
         raise StoreUnavailable(f"postgres: {type(exc).__name__}: {exc}") from exc
-    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except _DRIVER as exc:
         raise StoreError(f"postgres: {type(exc).__name__}: {exc}") from exc
 
 
@@ -418,7 +425,7 @@ class PostgresStore:
         try:
             conn = await asyncpg.connect(self.url, timeout=max(connect_timeout, 0.1))
             await conn.add_listener(CHANNEL, self._on_notify)
-        except (*_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (*_UNAVAILABLE, *_DRIVER) as exc:
             log.warning("store.listen_failed", error=f"{type(exc).__name__}: {exc}")
             if conn is not None:
                 conn.terminate()
@@ -459,7 +466,7 @@ class PostgresStore:
                 )
                 if self._leading:
                     log.info("reconcile.leading")
-        except (*_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (*_UNAVAILABLE, *_DRIVER) as exc:
             if conn is not None:
                 conn.terminate()
             self._leader, self._leading = None, False

@@ -286,13 +286,33 @@ LEFT JOIN predictions p ON p.id = b.value ->> 2
 """
 
 
+# Bodies per RECORD statement: escaped into JSON they stay well under SQLite's 1 GB limit on
+# one string (a callback may be 64 MiB).
+RECORD_BYTES = 32 * 1024 * 1024
+
+
 def record(
     conn: sqlite3.Connection, batch: Sequence[Incoming], routes: Sequence[Route]
 ) -> list[RecordResult]:
     """Record each verified prediction state of `batch`; one result each, in order.
 
-    Runs outside any transaction: the one statement that records is its own.
+    Runs outside any transaction: each statement that records is its own.
     """
+    results: list[RecordResult] = []
+    start = 0
+    while start < len(batch):
+        end, size = start + 1, len(batch[start].body)
+        while end < len(batch) and size + len(batch[end].body) <= RECORD_BYTES:
+            size += len(batch[end].body)
+            end += 1
+        results += _record_chunk(conn, batch[start:end], routes)
+        start = end
+    return results
+
+
+def _record_chunk(
+    conn: sqlite3.Connection, batch: Sequence[Incoming], routes: Sequence[Route]
+) -> list[RecordResult]:
     rows, keys = [], []
     for incoming in batch:
         event_id = new_id("evt")
@@ -375,7 +395,7 @@ def claim_query(skip_sinks: Sequence[str], lock: str = "") -> str:
     return CLAIM.format(skip=skip, lock=lock)
 
 
-# SQLite's claim and write-back work on JSON arrays of rows: a few statements whatever the
+# SQLite's claim and write-back take JSON arrays of rows: a few statements whatever the
 # number of rows, where RETURNING or executemany step once per row, each step handing the GIL
 # from the writer's thread to the event loop and back.
 #
@@ -396,10 +416,12 @@ SQLITE_LEASE = """
 UPDATE deliveries SET state = 'leased', lease_until = ?, updated_at = ?
 WHERE id IN (SELECT value FROM json_each(?))
 """
+# The claimed rows come back as rows, not JSON: bodies may be large (and JSON would round the
+# times to 15 digits).
 SQLITE_CLAIMED = f"""
-SELECT json_group_array(json_array({qualified("d", DELIVERY_COLUMNS)},
-    {qualified("e", EVENT_COLUMNS.removesuffix(", body"))}, hex(e.body)))
+SELECT {qualified("d", DELIVERY_COLUMNS)}, {qualified("e", EVENT_COLUMNS)}
 FROM json_each(?) c JOIN deliveries d ON d.id = c.value JOIN events e ON e.id = d.event_id
+ORDER BY d.next_attempt_at, d.id
 """
 _DELIVERY_WIDTH = len(DELIVERY_COLUMNS.split(","))
 
@@ -418,19 +440,14 @@ def claim(
     if ids == "[]":
         return []
     conn.execute(SQLITE_LEASE, (lease_until, now, ids))
-    (found,) = conn.execute(SQLITE_CLAIMED, (ids,)).fetchone()
-    claimed = []
-    for row in orjson.loads(found):
-        *event, body = row[_DELIVERY_WIDTH:]
-        claimed.append(
-            Claimed(
-                delivery_from_row(row[:_DELIVERY_WIDTH]),
-                event_from_row((*event, bytes.fromhex(body) if body is not None else None)),
-                lease_until,
-            )
+    return [
+        Claimed(
+            delivery_from_row(row[:_DELIVERY_WIDTH]),
+            event_from_row(row[_DELIVERY_WIDTH:]),
+            lease_until,
         )
-    claimed.sort(key=lambda c: c.delivery.next_attempt_at)  # due order: oldest first
-    return claimed
+        for row in conn.execute(SQLITE_CLAIMED, (ids,)).fetchall()
+    ]
 
 
 def finish_params(a: Attempt, now: float) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -462,8 +479,9 @@ INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, status_code
 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6
 FROM json_each(?)
 """
-# FINISH for many rows, with its lease guard. (`+state`: find each row by its id; the index
-# on state would have SQLite walk every leased row for each one.)
+# FINISH for many rows, with its lease guard: the lease's end time, within a microsecond (it
+# went through JSON; a newer lease ends a lease's length later). `+state`: find each row by
+# its id; the index on state would have SQLite walk every leased row for each one.
 SQLITE_FINISH = """
 UPDATE deliveries SET state = a.state, attempts = a.attempt, next_attempt_at = a.next_at,
     lease_until = NULL, last_error = a.error, updated_at = ?1,
@@ -472,7 +490,7 @@ FROM (SELECT value ->> 0 AS id, value ->> 1 AS state, value ->> 2 AS attempt,
     value ->> 3 AS next_at, value ->> 4 AS error, value ->> 5 AS lease_until
     FROM json_each(?2)) AS a
 WHERE deliveries.id = a.id AND +deliveries.state = 'leased'
-  AND deliveries.lease_until = a.lease_until
+  AND abs(deliveries.lease_until - a.lease_until) < 1e-6
 """
 
 

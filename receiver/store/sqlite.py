@@ -98,7 +98,7 @@ class _Checkpointer:
             self._thread = None
 
     def _run(self) -> None:
-        conn = _connect(self._path)
+        conn: sqlite3.Connection | None = None
         try:
             while True:
                 self._written.wait()
@@ -106,13 +106,15 @@ class _Checkpointer:
                 if self._closing.is_set():
                     return
                 try:
+                    conn = conn or _connect(self._path)
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error as exc:  # the next commit wakes us to try again
+                except Exception as exc:  # the next commit wakes us to try again
                     log.warning("sqlite.checkpoint_failed", error=str(exc))
                 if self._closing.wait(self._interval):
                     return
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
 
 
 class _Writer:
@@ -141,12 +143,12 @@ class _Writer:
         self._closing = False  # a store can be opened again after close()
         self._conn = _connect(self._path)
         self._conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's job
-        self._checkpointer.start()
         for statement in self._setup:
             self._conn.execute(statement)
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
         self._thread.start()
+        self._checkpointer.start()
 
     async def submit(self, op: Callable[[sqlite3.Connection, list[A]], list[T]], arg: A) -> T:
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -161,6 +163,10 @@ class _Writer:
             self._wake.set()
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        while self._queue:  # queued after the writer's last look: never written
+            _, _, fut = self._queue.popleft()
+            if not fut.done():
+                fut.set_exception(StoreUnavailable("the store is closed"))
         await asyncio.to_thread(self._checkpointer.stop)
         if self._conn is not None:
             self._conn.close()
@@ -175,7 +181,7 @@ class _Writer:
             batch: list[_Item] = []
             while self._queue and len(batch) < _MAX_BATCH:
                 batch.append(self._queue.popleft())
-            if self._queue:
+            if self._queue or self._closing:  # stop() may have been cleared above
                 self._wake.set()
             if not batch:
                 if self._closing:
@@ -241,7 +247,7 @@ class SqliteStore:
         # One object, so the writer sees concurrent callbacks as one operation: one batch.
         self._record = functools.partial(sql.record, routes=self.routes)
         self._reader: sqlite3.Connection | None = None
-        self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-reader")
+        self._reads: ThreadPoolExecutor | None = None
         self._started = False
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -257,6 +263,7 @@ class SqliteStore:
             try:
                 self._writer.start()
                 self._reader = _connect(self.path)
+                self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-reader")
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
             self._started = True
@@ -267,8 +274,8 @@ class SqliteStore:
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         self._start()
-        reader = self._reader
-        assert reader is not None
+        reader, reads = self._reader, self._reads
+        assert reader is not None and reads is not None
 
         def run() -> T:
             try:
@@ -276,7 +283,7 @@ class SqliteStore:
             except Exception as exc:
                 raise _wrap(exc) from exc
 
-        return await asyncio.get_running_loop().run_in_executor(self._reads, run)
+        return await asyncio.get_running_loop().run_in_executor(reads, run)
 
     async def close(self) -> None:
         if self._started:
@@ -284,7 +291,9 @@ class SqliteStore:
             if self._reader is not None:
                 self._reader.close()
             self._started = False
-        self._reads.shutdown(wait=False)
+        if self._reads is not None:
+            self._reads.shutdown(wait=False)
+            self._reads = None
 
     async def ping(self) -> None:
         await self._read(lambda c: c.execute("SELECT 1").fetchone())

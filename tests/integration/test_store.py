@@ -583,6 +583,70 @@ async def test_sqlite_data_reaches_the_database_file_while_writes_go_on(tmp_path
         await store.close()
 
 
+async def test_claimed_events_carry_the_recorded_times_exactly(store: Store) -> None:
+    """What a sink is sent (the event's received time in the envelope) is what was recorded,
+    to the last digit."""
+    _, token = await new_job(store)
+    at = T0 + 0.123456789
+    result = await store.record(callback(token, "pred_1", "completed", at=at))
+    assert result.event_id is not None
+    claimed = await store.claim(T0 + 10, 10, LEASE)
+    recorded = await store.get_event(result.event_id)
+    assert recorded is not None and recorded.received_at == at
+    assert {c.event.received_at for c in claimed} == {at}
+    assert {c.event.envelope() for c in claimed} == {recorded.envelope()}
+
+
+async def test_sqlite_large_batches_are_recorded_in_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: callbacks whose bodies together pass the size of one statement are recorded in
+    several, each exactly as it came."""
+    from receiver.store import sql
+
+    monkeypatch.setattr(sql, "RECORD_BYTES", 300)
+    store = open_store(f"sqlite:///{tmp_path / 'receiver.db'}", ROUTES)
+    await store.migrate()
+    try:
+        tokens = [(await new_job(store))[1] for _ in range(12)]
+        incoming = [callback(t, f"pred_{i}", "completed") for i, t in enumerate(tokens)]
+        results = await asyncio.gather(*(store.record(i) for i in incoming))
+        assert [r.outcome for r in results] == [Outcome.RECORDED] * 12
+        for result, sent in zip(results, incoming, strict=True):
+            assert result.event_id is not None
+            event = await store.get_event(result.event_id)
+            assert event is not None and event.body == sent.body
+            assert event.prediction_id == sent.prediction_id
+    finally:
+        await store.close()
+
+
+async def test_close_answers_every_write_in_flight_and_the_store_opens_again(
+    store: Store,
+) -> None:
+    """Closing while callbacks are being recorded leaves none waiting forever: each is recorded
+    or refused with a store error (the route answers 503); the store opens again on next use."""
+    tokens = [(await new_job(store))[1] for _ in range(200)]
+    tasks = [
+        asyncio.create_task(store.record(callback(t, f"pred_{i}", "completed")))
+        for i, t in enumerate(tokens)
+    ]
+    await asyncio.sleep(0)
+    await store.close()
+    async with asyncio.timeout(10):
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(
+        isinstance(r, StoreError) or r.outcome is Outcome.RECORDED  # type: ignore[union-attr]
+        for r in results
+    )
+    job, token = await new_job(store)
+    assert (await store.record(callback(token, "pred_new", "completed"))).outcome is (
+        Outcome.RECORDED
+    )
+    found = await store.get_job(job.id)
+    assert found is not None and [e.prediction_id for e in found[1]] == ["pred_new"]
+
+
 # -- reconciliation and upkeep ------------------------------------------------------------------
 
 
