@@ -1,13 +1,18 @@
-"""What both benchmarks need: ports, start-up waits, CPU readings and the sample callback."""
+"""What both benchmarks need: ports, start-up waits, CPU readings, the sample callback and a
+database of their own."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -58,3 +63,22 @@ def prediction(i: int) -> bytes:
             "usage": {"elements_processed": 1, "element_type": "page", "credits_used": 1},
         }
     )
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(url: str | None, tmp: Path, name: str) -> AsyncIterator[str]:
+    """A SQLite file in `tmp`; or, given a PostgreSQL URL, a new database next to the one named
+    (which is not touched), dropped afterwards."""
+    if url is None:
+        yield f"sqlite:///{tmp}/{name}.db"
+        return
+    import asyncpg
+
+    db = f"receiver_bench_{name}_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{db}"')
+        yield urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        await admin.close()

@@ -27,17 +27,15 @@ import contextlib
 import hashlib
 import hmac
 import os
-import secrets
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import httpx
@@ -46,7 +44,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import cpu_seconds, free_port, prediction, wait_up  # noqa: E402
+from common import cpu_seconds, free_port, fresh_database, prediction, wait_up  # noqa: E402
 
 from receiver.models import (  # noqa: E402
     Incoming,
@@ -169,23 +167,6 @@ async def requeue(url: str) -> None:
         await store.requeue(time.time(), sink=SINK, only_dead=False)
     finally:
         await store.close()
-
-
-@contextlib.asynccontextmanager
-async def fresh_database(url: str | None, tmp: Path, name: str) -> AsyncIterator[str]:
-    if url is None:
-        yield f"sqlite:///{tmp}/{name}.db"
-        return
-    import asyncpg
-
-    db = f"receiver_bench_{name}_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{db}"')
-        yield urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        await admin.close()
 
 
 class Progress:

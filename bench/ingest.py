@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import cpu_seconds, free_port, prediction, wait_up  # noqa: E402
+from common import cpu_seconds, free_port, fresh_database, prediction, wait_up  # noqa: E402
 
 from receiver.models import Job, hash_token, new_callback_token, new_id  # noqa: E402
 from receiver.store import open_store  # noqa: E402
@@ -191,13 +191,30 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians reported")
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--callbacks", type=int, default=300_000, help="distinct callbacks prepared")
-    ap.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
+    ap.add_argument(
+        "--database-url",
+        default=None,
+        help="default: a fresh SQLite file; with a PostgreSQL URL, a fresh database next to it",
+    )
     args = ap.parse_args()
     wrk = ensure_wrk()
     tmp = Path(tempfile.mkdtemp(prefix="receiver-bench-"))
-    url = args.database_url or f"sqlite:///{tmp}/bench.db"
+    missing = asyncio.run(measure(args, wrk, tmp))
+    shutil.rmtree(tmp, ignore_errors=True)
+    if missing:
+        sys.exit(1)
+
+
+async def measure(args: argparse.Namespace, wrk: str, tmp: Path) -> int:
+    """Both servers, alternating rounds; prints the figures, returns how many acknowledged
+    callbacks are missing from the store."""
+    async with fresh_database(args.database_url, tmp, "ingest") as url:
+        return await _measure(args, wrk, tmp, url)
+
+
+async def _measure(args: argparse.Namespace, wrk: str, tmp: Path, url: str) -> int:
     print(f"preparing {args.callbacks} jobs and signed callbacks in {url.split('@')[-1]} ...")
-    tokens = asyncio.run(make_jobs(url, args.callbacks))
+    tokens = await make_jobs(url, args.callbacks)
     script = tmp / "stream.lua"
     script.write_text(LUA)
     # One request file per round, so the service never sees a callback twice.
@@ -241,7 +258,7 @@ def main() -> None:
         f"{', '.join(f'{x:.2f}' for x in ratios)}; target >= 0.6)"
     )
     acknowledged = sum(r["total"] - r["non2xx"] for r in runs["service"])
-    events = asyncio.run(count_events(url))
+    events = await count_events(url)
     missing = max(0, int(acknowledged) - events)
     print(
         f"acknowledged with 2xx: {acknowledged:.0f}; events in the store: {events}; "
@@ -249,9 +266,7 @@ def main() -> None:
     )
     if any(r["total"] > per_round for r in runs["service"]):
         print("warning: a round sent more requests than prepared; raise --callbacks")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if missing:
-        sys.exit(1)
+    return missing
 
 
 if __name__ == "__main__":
