@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -286,69 +287,82 @@ LEFT JOIN predictions p ON p.id = b.value ->> 2
 """
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A callback (or polled state) made ready for RECORD by the caller, so the writer's thread,
+    the bottleneck under load, only runs the statements."""
+
+    incoming: Incoming
+    row: bytes  # its row of RECORD, as JSON
+    key: bytes  # what RECORDED looks it up by, as JSON
+
+
+def prepare(incoming: Incoming, routes: Sequence[Route]) -> Prepared:
+    event_id = new_id("evt")
+    sinks = [(r.sink, r.domains or None) for r in routes if r.wants_status(incoming.status)]
+    row = (
+        event_id,
+        incoming.token_hash,
+        incoming.job_id,
+        incoming.prediction_id,
+        incoming.status,
+        status_rank(incoming.status),
+        incoming.domain,
+        incoming.source,
+        incoming.verification,
+        incoming.received_at,
+        incoming.body.decode(),
+        sinks,
+    )
+    key = (incoming.token_hash, incoming.job_id, incoming.prediction_id, event_id)
+    return Prepared(incoming, orjson.dumps(row), orjson.dumps(key))
+
+
 # Bodies per RECORD statement: escaped into JSON they stay well under SQLite's 1 GB limit on
 # one string (a callback may be 64 MiB).
 RECORD_BYTES = 32 * 1024 * 1024
+Found = list[Any]  # RECORDED's row: position, job id, event id, prediction's job/status/rank, sinks
 
 
-def record(
-    conn: sqlite3.Connection, batch: Sequence[Incoming], routes: Sequence[Route]
-) -> list[RecordResult]:
-    """Record each verified prediction state of `batch`; one result each, in order.
+def record(conn: sqlite3.Connection, batch: Sequence[Prepared]) -> list[Found]:
+    """Record each prepared state of `batch`; RECORDED's row for each, in order (`outcome`
+    tells what it means).
 
     Runs outside any transaction: each statement that records is its own.
     """
-    results: list[RecordResult] = []
+    found: list[Found] = []
     start = 0
     while start < len(batch):
-        end, size = start + 1, len(batch[start].body)
-        while end < len(batch) and size + len(batch[end].body) <= RECORD_BYTES:
-            size += len(batch[end].body)
+        end, size = start + 1, len(batch[start].row)
+        while end < len(batch) and size + len(batch[end].row) <= RECORD_BYTES:
+            size += len(batch[end].row)
             end += 1
-        results += _record_chunk(conn, batch[start:end], routes)
+        found += _record_chunk(conn, batch[start:end])
         start = end
-    return results
+    return found
 
 
-def _record_chunk(
-    conn: sqlite3.Connection, batch: Sequence[Incoming], routes: Sequence[Route]
-) -> list[RecordResult]:
-    rows, keys = [], []
-    for incoming in batch:
-        event_id = new_id("evt")
-        wanted = [r for r in routes if r.wants_status(incoming.status)]
-        sinks = [(r.sink, r.domains or None) for r in wanted]
-        rows.append(
-            (
-                event_id,
-                incoming.token_hash,
-                incoming.job_id,
-                incoming.prediction_id,
-                incoming.status,
-                status_rank(incoming.status),
-                incoming.domain,
-                incoming.source,
-                incoming.verification,
-                incoming.received_at,
-                incoming.body.decode(),
-                sinks,
-            )
-        )
-        keys.append((incoming.token_hash, incoming.job_id, incoming.prediction_id, event_id))
-    conn.execute(RECORD, (orjson.dumps(rows),))
-    (found,) = conn.execute(RECORDED, (orjson.dumps(keys),)).fetchone()
-    results = [RecordResult(Outcome.UNKNOWN_TOKEN)] * len(batch)
-    for i, job_id, event_id, *known, sinks in orjson.loads(found):
-        if job_id is None:
-            continue
-        if event_id is not None:
-            results[i] = RecordResult(Outcome.RECORDED, job_id, event_id, tuple(sinks))
-        else:
-            # Not recorded: the prediction's state now says why (rows that changed nothing can
-            # be taken to have come last).
-            verdict = judge(job_id, batch[i], known if known[0] is not None else None)
-            results[i] = RecordResult(verdict or Outcome.DUPLICATE, job_id)
-    return results
+def _record_chunk(conn: sqlite3.Connection, batch: Sequence[Prepared]) -> list[Found]:
+    conn.execute(RECORD, ((b"[" + b",".join(p.row for p in batch) + b"]").decode(),))
+    keys = (b"[" + b",".join(p.key for p in batch) + b"]").decode()
+    (rows,) = conn.execute(RECORDED, (keys,)).fetchone()
+    found: list[Found] = [[]] * len(batch)
+    for row in orjson.loads(rows):
+        found[row[0]] = row
+    return found
+
+
+def outcome(incoming: Incoming, found: Found) -> RecordResult:
+    """What recording `incoming` did, from its row of RECORDED."""
+    if not found or found[1] is None:
+        return RecordResult(Outcome.UNKNOWN_TOKEN)
+    _, job_id, event_id, *known, sinks = found
+    if event_id is not None:
+        return RecordResult(Outcome.RECORDED, job_id, event_id, tuple(sinks))
+    # Not recorded: the prediction's state now says why (rows that changed nothing can be taken
+    # to have come last).
+    verdict = judge(job_id, incoming, known if known[0] is not None else None)
+    return RecordResult(verdict or Outcome.DUPLICATE, job_id)
 
 
 def get_job(conn: sqlite3.Connection, job_id: str) -> tuple[Job, list[Event]] | None:

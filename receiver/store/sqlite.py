@@ -244,8 +244,6 @@ class SqliteStore:
         self.routes = tuple(routes)
         self._work = asyncio.Event()
         self._writer = _Writer(self.path, setup=sql.RECORDER)
-        # One object, so the writer sees concurrent callbacks as one operation: one batch.
-        self._record = functools.partial(sql.record, routes=self.routes)
         self._reader: sqlite3.Connection | None = None
         self._reads: ThreadPoolExecutor | None = None
         self._started = False
@@ -340,7 +338,8 @@ class SqliteStore:
 
     async def record(self, incoming: Incoming) -> RecordResult:
         self._start()
-        result = await self._writer.submit(self._record, incoming)
+        found = await self._writer.submit(sql.record, sql.prepare(incoming, self.routes))
+        result = sql.outcome(incoming, found)
         if result.sinks:
             self._work.set()  # wake the dispatcher: new deliveries are due now
         return result
