@@ -2,8 +2,8 @@
 
 uvicorn writes a response's status line and headers as soon as the app starts the response,
 then the body in a second write. For the small JSON answers this service gives (a callback's
-200), the second system call and the second TCP segment cost as much as the first: a tenth
-of the callback route's time. Here a connection's writes are gathered until the event loop
+200), that second system call and TCP segment took about a tenth of the event loop's time
+on the callback route (py-spy). Here a connection's writes are gathered until the event loop
 has run what is ready, then sent in one write; past `FLUSH_BYTES` (a large body), or on
 close or end of stream, what is gathered goes at once.
 """

@@ -131,7 +131,6 @@ _RECORD_BY_TOKEN = _RECORD.format(key="token_hash", terminal=TERMINAL_RANK, chan
 _RECORD_BY_ID = _RECORD.format(key="id", terminal=TERMINAL_RANK, channel=CHANNEL)
 _DOMAIN_SEP = "\x1f"
 _APPLIED = "INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, $3)"
-_DELIVERY_WIDTH = len(sql.DELIVERY_COLUMNS.split(","))
 
 
 @functools.cache
@@ -353,14 +352,7 @@ class PostgresStore:
             rows = await conn.fetch(
                 _claim_query(len(skip_sinks)), lease_until, now, now, now, *skip_sinks, limit
             )
-        return [
-            Claimed(
-                sql.delivery_from_row(r[:_DELIVERY_WIDTH]),
-                sql.event_from_row(r[_DELIVERY_WIDTH:]),
-                lease_until,
-            )
-            for r in rows
-        ]
+        return [sql.claimed_from_row(r, lease_until) for r in rows]
 
     async def finish(self, attempts: Sequence[Attempt], now: float) -> None:
         # In id order, so two transactions finishing overlapping rows cannot deadlock.

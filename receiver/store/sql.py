@@ -147,6 +147,16 @@ def delivery_from_row(row: Sequence[Any]) -> Delivery:
     return Delivery(*row)
 
 
+DELIVERY_WIDTH = len(DELIVERY_COLUMNS.split(","))
+
+
+def claimed_from_row(row: Sequence[Any], lease_until: float) -> Claimed:
+    """A row of a delivery's columns followed by its event's."""
+    return Claimed(
+        delivery_from_row(row[:DELIVERY_WIDTH]), event_from_row(row[DELIVERY_WIDTH:]), lease_until
+    )
+
+
 def job_params(job: Job, token_hash: str) -> tuple[Any, ...]:
     return (
         job.id,
@@ -174,11 +184,11 @@ def submitted_params(
 
 
 def judge(job_id: str, incoming: Incoming, known: Sequence[Any] | None) -> Outcome | None:
-    """Decide from the prediction's recorded state alone; None means "try to record it".
+    """Why a state was refused, from the prediction's recorded state alone (None: not refused
+    by it; the unique key then calls it a duplicate, which holds under concurrency too).
 
     A status at or below the recorded one (other than the same one) is stale: it can never
-    move the prediction backwards. The same status is left to the unique key to call a
-    duplicate, so deduplication holds under concurrency too.
+    move the prediction backwards.
     """
     if known is None:
         return None
@@ -289,10 +299,9 @@ LEFT JOIN predictions p ON p.id = b.value ->> 2
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    """A callback (or polled state) made ready for RECORD by the caller, so the writer's thread,
-    the bottleneck under load, only runs the statements."""
+    """A callback (or polled state) made ready for RECORD by the caller, so that the writer's
+    thread only runs the statements."""
 
-    incoming: Incoming
     row: bytes  # its row of RECORD, as JSON
     key: bytes  # what RECORDED looks it up by, as JSON
 
@@ -315,7 +324,7 @@ def prepare(incoming: Incoming, routes: Sequence[Route]) -> Prepared:
         sinks,
     )
     key = (incoming.token_hash, incoming.job_id, incoming.prediction_id, event_id)
-    return Prepared(incoming, orjson.dumps(row), orjson.dumps(key))
+    return Prepared(orjson.dumps(row), orjson.dumps(key))
 
 
 # Bodies per RECORD statement: escaped into JSON they stay well under SQLite's 1 GB limit on
@@ -437,7 +446,6 @@ SELECT {qualified("d", DELIVERY_COLUMNS)}, {qualified("e", EVENT_COLUMNS)}
 FROM json_each(?) c JOIN deliveries d ON d.id = c.value JOIN events e ON e.id = d.event_id
 ORDER BY d.next_attempt_at, d.id
 """
-_DELIVERY_WIDTH = len(DELIVERY_COLUMNS.split(","))
 
 
 def claim(
@@ -454,18 +462,12 @@ def claim(
     if ids == "[]":
         return []
     conn.execute(SQLITE_LEASE, (lease_until, now, ids))
-    return [
-        Claimed(
-            delivery_from_row(row[:_DELIVERY_WIDTH]),
-            event_from_row(row[_DELIVERY_WIDTH:]),
-            lease_until,
-        )
-        for row in conn.execute(SQLITE_CLAIMED, (ids,)).fetchall()
-    ]
+    rows = conn.execute(SQLITE_CLAIMED, (ids,)).fetchall()
+    return [claimed_from_row(row, lease_until) for row in rows]
 
 
-def finish_params(a: Attempt, now: float) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    attempt_row = (
+def attempt_row(a: Attempt) -> tuple[Any, ...]:
+    return (
         a.delivery_id,
         a.attempt,
         a.started_at,
@@ -474,6 +476,9 @@ def finish_params(a: Attempt, now: float) -> tuple[tuple[Any, ...], tuple[Any, .
         a.error,
         a.snippet,
     )
+
+
+def finish_params(a: Attempt, now: float) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     update = (
         a.state,
         a.attempt,
@@ -485,7 +490,7 @@ def finish_params(a: Attempt, now: float) -> tuple[tuple[Any, ...], tuple[Any, .
         a.delivery_id,
         a.lease_until,
     )
-    return attempt_row, update
+    return attempt_row(a), update
 
 
 SQLITE_INSERT_ATTEMPTS = """
@@ -509,7 +514,7 @@ WHERE deliveries.id = a.id AND +deliveries.state = 'leased'
 
 
 def finish(conn: sqlite3.Connection, attempts: Sequence[Attempt], now: float) -> None:
-    tried = [finish_params(a, now)[0] for a in attempts if not a.released]
+    tried = [attempt_row(a) for a in attempts if not a.released]
     if tried:
         conn.execute(SQLITE_INSERT_ATTEMPTS, (orjson.dumps(tried),))
     outcomes = [
