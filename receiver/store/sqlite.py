@@ -4,7 +4,7 @@ Why group commit: SQLite allows one writer at a time, and a commit costs an fsyn
 handed to the writer thread, which takes everything queued at once and commits it together,
 then wakes each caller with its own result. So concurrent callbacks share one fsync, and each
 caller still hears back only after its data is committed (`synchronous=FULL`: committed means
-on disk). Recording callbacks, the hot path, is one statement per batch (see `sql.RECORDER`).
+on disk). Recording callbacks, the hot path, is three statements per batch (see `sql.RECORDER`).
 Reads use a second connection in a thread of their own (WAL lets them proceed during writes).
 """
 

@@ -597,22 +597,27 @@ async def test_claimed_events_carry_the_recorded_times_exactly(store: Store) -> 
     assert {c.event.envelope() for c in claimed} == {recorded.envelope()}
 
 
-async def test_sqlite_large_batches_are_recorded_in_parts(
+async def test_sqlite_large_batches_are_recorded_in_pieces_and_rounds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SQLite: callbacks whose bodies together pass the size of one statement are recorded in
-    several, each exactly as it came."""
+    """SQLite: a batch larger than one statement takes goes in in pieces, and several states of
+    one prediction in one batch are recorded in rounds, each callback exactly as it came."""
     from receiver.store import sql
 
-    monkeypatch.setattr(sql, "RECORD_BYTES", 300)
+    monkeypatch.setattr(sql, "FILL_ROWS", 5)
+    pieces: list[int] = []
+    fill = sql._fill
+    monkeypatch.setattr(sql, "_fill", lambda rows: pieces.append(rows) or fill(rows))
     store = open_store(f"sqlite:///{tmp_path / 'receiver.db'}", ROUTES)
     await store.migrate()
     try:
         tokens = [(await new_job(store))[1] for _ in range(12)]
         incoming = [callback(t, f"pred_{i}", "completed") for i, t in enumerate(tokens)]
+        incoming.append(callback(tokens[0], "pred_0", "running", at=T0 + 1))
         results = await asyncio.gather(*(store.record(i) for i in incoming))
-        assert [r.outcome for r in results] == [Outcome.RECORDED] * 12
-        for result, sent in zip(results, incoming, strict=True):
+        assert [r.outcome for r in results] == [Outcome.RECORDED] * 12 + [Outcome.STALE]
+        assert max(pieces) == 5 and sum(pieces) == len(incoming)
+        for result, sent in zip(results[:12], incoming[:12], strict=True):
             assert result.event_id is not None
             event = await store.get_event(result.event_id)
             assert event is not None and event.body == sent.body
