@@ -81,6 +81,14 @@ async def _answer(send: Send, scope: Scope, status: int, body: dict[str, Any]) -
 class CallbackEndpoint:
     def __init__(self, services: Services) -> None:
         self.svc = services
+        self._counters: dict[str, Any] = {}
+
+    def _count(self, outcome: str) -> None:
+        """Count a callback by outcome (the labelled counter looked up once, not per call)."""
+        counter = self._counters.get(outcome)
+        if counter is None:
+            counter = self._counters[outcome] = self.svc.metrics.callbacks.labels(outcome)
+        counter.inc()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         svc = self.svc
@@ -103,7 +111,7 @@ class CallbackEndpoint:
             verification = check_signature(svc.webhook_secrets, body, signature)
             prediction = parse_prediction(body)
         except TooLarge:
-            svc.metrics.callbacks.labels("too_large").inc()
+            self._count("too_large")
             await _answer(
                 send, scope, 413, {"error": f"body over {svc.settings.max_body_bytes} bytes"}
             )
@@ -112,7 +120,7 @@ class CallbackEndpoint:
             return
         except Rejected as exc:
             outcome = "unauthorized" if exc.status == 401 else "invalid"
-            svc.metrics.callbacks.labels(outcome).inc()
+            self._count(outcome)
             if exc.status == 401:
                 svc.metrics.verification_failures.labels("signature").inc()
                 log.warning("callback.rejected", status=exc.status, reason=exc.reason)
@@ -133,23 +141,24 @@ class CallbackEndpoint:
         try:
             result = await svc.store.record(incoming)
         except StoreError as exc:
-            svc.metrics.callbacks.labels("store_unavailable").inc()
+            self._count("store_unavailable")
             log.error("callback.store_failed", error=str(exc), prediction_id=prediction.id)
             await _answer(send, scope, 503, {"error": "store unavailable, retry later"})
             return
 
-        svc.metrics.callbacks.labels(result.outcome.value).inc()
-        if result.outcome is Outcome.UNKNOWN_TOKEN:
+        outcome = result.outcome
+        self._count(outcome)
+        if outcome is Outcome.UNKNOWN_TOKEN:
             svc.metrics.verification_failures.labels("unknown_token").inc()
             log.warning("callback.unknown_token", prediction_id=prediction.id)
             await _answer(send, scope, 404, {"error": "no job has this callback URL"})
             return
-        if result.outcome is Outcome.CONFLICT:
+        if outcome is Outcome.CONFLICT:
             log.warning("callback.conflict", job_id=result.job_id, prediction_id=prediction.id)
             await _answer(send, scope, 409, {"error": "prediction belongs to another job"})
             return
         log.info(
-            f"callback.{result.outcome.value}",
+            f"callback.{outcome}",
             job_id=result.job_id,
             prediction_id=prediction.id,
             status=prediction.status,
@@ -159,5 +168,5 @@ class CallbackEndpoint:
             send,
             scope,
             200,
-            {"status": result.outcome.value, "event_id": result.event_id, "job_id": result.job_id},
+            {"status": outcome, "event_id": result.event_id, "job_id": result.job_id},
         )
