@@ -246,22 +246,23 @@ RECORDER = (
     "CREATE TEMP VIEW IF NOT EXISTS record_batch AS SELECT NULL AS size WHERE 0",
     # The rows of this batch are those with pos < size (rows past it are an earlier batch's).
     # 1. each event, if the job exists and the prediction may take this status (the rule of
-    #    `judge`); the unique (prediction_id, status) key drops duplicates (and an event id
-    #    already present: a batch tried again after its commit);
+    #    `judge`); the unique (prediction_id, status) key drops duplicates (and the primary
+    #    key an event already written: a batch tried again after its commit);
     # 2-4. for the events that went in (their ids are new): the predictions' states, the jobs
     #    (only forwards), and one delivery per candidate sink (`sinks`: [[name, domains or
     #    null], ...]) that wants the event's domain.
     f"""
     CREATE TEMP TRIGGER IF NOT EXISTS record_batch INSTEAD OF INSERT ON record_batch
     BEGIN
-        INSERT OR IGNORE INTO events ({EVENT_COLUMNS})
+        INSERT INTO events ({EVENT_COLUMNS})
         SELECT b.id, j.id, b.prediction_id, b.status, COALESCE(b.domain, j.domain),
             b.source, b.verification, b.received_at, b.body
         FROM recording b JOIN jobs j
             ON j.id = COALESCE(b.job_id, (SELECT id FROM jobs WHERE token_hash = b.token_hash))
         WHERE b.pos < NEW.size
           AND NOT EXISTS (SELECT 1 FROM predictions p WHERE p.id = b.prediction_id
-              AND (p.job_id <> j.id OR (p.status <> b.status AND p.status_rank >= b.rank)));
+              AND (p.job_id <> j.id OR (p.status <> b.status AND p.status_rank >= b.rank)))
+        ON CONFLICT DO NOTHING;
 
         INSERT INTO predictions (id, job_id, status, status_rank, updated_at)
         SELECT e.prediction_id, e.job_id, e.status, b.rank, e.received_at
@@ -293,6 +294,10 @@ RECORDER = (
         WHERE b.pos < NEW.size AND (r.value ->> 1 IS NULL
             OR e.domain IN (SELECT value FROM json_each(r.value -> 1)))
         ON CONFLICT (event_id, sink) DO NOTHING;
+
+        -- RECORDED reads the rest; the bodies are not kept until the next batch.
+        UPDATE recording SET body = NULL, sinks = NULL WHERE pos < NEW.size;
+        DELETE FROM recording WHERE pos >= NEW.size;
     END
     """,
 )

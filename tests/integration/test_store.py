@@ -626,6 +626,36 @@ async def test_sqlite_large_batches_are_recorded_in_pieces_and_rounds(
         await store.close()
 
 
+async def test_sqlite_a_batch_written_again_after_its_commit_answers_recorded(
+    tmp_path: Path,
+) -> None:
+    """SQLite: if the writer runs a batch again after it committed (its read-back failed),
+    each callback still answers "recorded" with its event, and nothing is written twice."""
+    import sqlite3
+
+    from receiver.store import sql
+
+    path = tmp_path / "receiver.db"
+    store = open_store(f"sqlite:///{path}", ROUTES)
+    await store.migrate()
+    tokens = [(await new_job(store))[1] for _ in range(3)]
+    await store.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in sql.RECORDER:
+        conn.execute(statement)
+    incoming = [callback(t, f"pred_{i}", "completed") for i, t in enumerate(tokens)]
+    batch = [sql.prepare(i, ROUTES) for i in incoming]
+    first, again = (
+        [sql.outcome(i, f) for i, f in zip(incoming, sql.record(conn, batch), strict=True)]
+        for _ in range(2)
+    )
+    assert [r.outcome for r in again] == [Outcome.RECORDED] * 3
+    assert [r.event_id for r in again] == [r.event_id for r in first] == [p[0] for p in batch]
+    assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (3,)
+    assert conn.execute("SELECT COUNT(*) FROM deliveries").fetchone() == (3 * len(ROUTES),)
+    conn.close()
+
+
 async def test_close_answers_every_write_in_flight_and_the_store_opens_again(
     store: Store,
 ) -> None:
