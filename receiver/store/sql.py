@@ -4,7 +4,8 @@ The statements are written once with `?` placeholders and portable SQL (ON CONFL
 RETURNING); the PostgreSQL backend numbers the placeholders (`numbered`) and runs the same
 text, except where it does better in one statement (recording a callback) or must lock
 (claiming). The functions below are the SQLite operations; each runs inside the writer's (or the
-reader's) transaction and never commits on its own.
+reader's) transaction and never commits on its own, except `record`, whose statements are
+their own transactions.
 """
 
 from __future__ import annotations
@@ -221,23 +222,24 @@ def set_submitted(
     return job_from_row(row)
 
 
-# Recording on SQLite, a batch at a time, in three statements: the rows go into a TEMP table
-# (`recording`, in memory), one INSERT into the view `record_batch` records them all, and one
-# SELECT reads back what happened. The view's trigger runs set-based statements over the batch:
-# measured, half the CPU of a trigger run once per row. And it is one statement: one transaction
-# (atomic, and durable before it returns), one stretch of C in which SQLite releases the GIL,
-# so the writer's thread runs it while the event loop serves requests. Rows are bound as
-# parameters (bodies as BLOBs): nothing is escaped into JSON and parsed again.
+# Recording on SQLite, a round of callbacks at a time: the rows go into a TEMP table
+# (`recording`), one INSERT into the view `record_batch` records them all, and one SELECT reads
+# back what happened. The view's trigger runs set-based statements over the round: measured,
+# half the CPU of a trigger run once per row. And it is one statement: one transaction (atomic,
+# and durable before it returns), one stretch of C in which SQLite releases the GIL, so the
+# writer's thread runs it while the event loop serves requests. Rows are bound as parameters
+# (bodies as BLOBs): nothing is escaped into JSON and parsed again.
 #
-# Set-based statements judge every row against the state before the batch, so a batch never
-# holds the same prediction twice: `record` runs such rows in later rounds, one after another.
-# Two predictions of one job may share a round: the job takes the highest status.
+# Set-based statements judge every row against the state before the round, so a round never
+# holds the same prediction twice: `record` cuts a batch into rounds, in the order the rows
+# came, where a prediction comes again. Two predictions of one job may share a round: the job
+# takes the highest status (the first row to reach it, as if the rows had come one by one),
+# and a job without a prediction id takes that of the first row that moved it.
 RECORDING_COLUMNS = (
     "id, token_hash, job_id, prediction_id, status, rank, domain, source, verification,"
     " received_at, body, sinks"
 )
 RECORDER = (
-    "PRAGMA temp_store = MEMORY",
     f"""
     CREATE TEMP TABLE IF NOT EXISTS recording (
         pos INTEGER PRIMARY KEY, {RECORDING_COLUMNS}
@@ -248,9 +250,9 @@ RECORDER = (
     # 1. each event, if the job exists and the prediction may take this status (the rule of
     #    `judge`); the unique (prediction_id, status) key drops duplicates (and the primary
     #    key an event already written: a batch tried again after its commit);
-    # 2-4. for the events that went in (their ids are new): the predictions' states, the jobs
-    #    (only forwards), and one delivery per candidate sink (`sinks`: [[name, domains or
-    #    null], ...]) that wants the event's domain.
+    # 2-4. for the round's events (new, or already there when a round is run again): the
+    #    predictions' states, the jobs (only forwards), and one delivery per candidate sink
+    #    (`sinks`: [[name, domains or null], ...]) that wants the event's domain.
     f"""
     CREATE TEMP TRIGGER IF NOT EXISTS record_batch INSTEAD OF INSERT ON record_batch
     BEGIN
@@ -273,14 +275,17 @@ RECORDER = (
         WHERE predictions.status_rank < excluded.status_rank;
 
         UPDATE jobs SET status = x.status, status_rank = x.rank, updated_at = x.received_at,
-            prediction_id = COALESCE(jobs.prediction_id, x.prediction_id),
+            prediction_id = COALESCE(jobs.prediction_id, (
+                SELECT b.prediction_id FROM recording b JOIN events e ON e.id = b.id
+                WHERE b.pos < NEW.size AND e.job_id = jobs.id AND b.rank > jobs.status_rank
+                ORDER BY b.pos LIMIT 1)),
             completed_at = CASE WHEN x.rank >= {TERMINAL_RANK} THEN x.received_at
                 ELSE completed_at END,
             next_poll_at = CASE WHEN x.rank >= {TERMINAL_RANK} THEN NULL ELSE next_poll_at END
         FROM (
             -- one row per job: the highest status (SQLite takes the other columns from the
-            -- row that has the max)
-            SELECT e.job_id, max(b.rank) AS rank, b.status, b.received_at, b.prediction_id
+            -- row that has the max; of equals, the first one read: rows are read by pos)
+            SELECT e.job_id, max(b.rank) AS rank, b.status, b.received_at
             FROM recording b JOIN events e ON e.id = b.id
             WHERE b.pos < NEW.size
             GROUP BY e.job_id
@@ -295,7 +300,7 @@ RECORDER = (
             OR e.domain IN (SELECT value FROM json_each(r.value -> 1)))
         ON CONFLICT (event_id, sink) DO NOTHING;
 
-        -- RECORDED reads the rest; the bodies are not kept until the next batch.
+        -- RECORDED reads the rest; the bodies need not stay.
         UPDATE recording SET body = NULL, sinks = NULL WHERE pos < NEW.size;
         DELETE FROM recording WHERE pos >= NEW.size;
     END
@@ -315,9 +320,12 @@ LEFT JOIN events e ON e.id = b.id
 LEFT JOIN predictions p ON p.id = b.prediction_id
 WHERE b.pos < ?
 """
-# Rows per INSERT into `recording`: each size is a statement of its own in the connection's
-# cache (128 by default), so a batch goes in in pieces of at most this many.
+# An INSERT into `recording` takes at most FILL_ROWS rows (each size is a statement of its own in
+# the connection's cache, 128 by default) and FILL_BYTES of bodies, or one larger body alone. A
+# cached statement keeps the values last bound to it (SQLite copies them), so this also bounds
+# what stays in memory between batches.
 FILL_ROWS = 64
+FILL_BYTES = 1024 * 1024
 # A callback (or polled state) made ready by the caller for RECORDING_COLUMNS, so that the
 # writer's thread only runs the statements.
 Prepared = tuple[Any, ...]
@@ -353,26 +361,38 @@ def record(conn: sqlite3.Connection, batch: Sequence[Prepared]) -> list[Found]:
     """Record each prepared state of `batch`; RECORDED's row for each, in order (`outcome`
     tells what it means).
 
-    Runs outside any transaction: each statement that records is its own.
+    Runs outside any transaction: each round's RECORD commits on its own.
     """
-    # Round k holds the k-th state of each prediction in the batch.
-    rounds: list[list[int]] = []
-    seen: dict[str, int] = {}
-    for i, prepared in enumerate(batch):
-        k = seen[prepared[3]] = seen.get(prepared[3], -1) + 1
-        if k == len(rounds):
-            rounds.append([])
-        rounds[k].append(i)
     found: list[Found] = [[]] * len(batch)
-    for positions in rounds:
-        for start in range(0, len(positions), FILL_ROWS):
-            piece = positions[start : start + FILL_ROWS]
-            params = [v for pos, i in enumerate(piece, start) for v in (pos, *batch[i])]
-            conn.execute(_fill(len(piece)), params)
-        conn.execute(RECORD, (len(positions),))
-        (rows,) = conn.execute(RECORDED, (len(positions),)).fetchone()
-        for row in orjson.loads(rows):
-            found[positions[row[0]]] = row
+    start = 0
+    while start < len(batch):
+        end, seen = start, set()
+        while end < len(batch) and batch[end][3] not in seen:  # [3]: the prediction id
+            seen.add(batch[end][3])
+            end += 1
+        for pos, row in enumerate(_record_round(conn, batch[start:end]), start):
+            found[pos] = row
+        start = end
+    return found
+
+
+def _record_round(conn: sqlite3.Connection, rows: Sequence[Prepared]) -> list[Found]:
+    start = 0
+    while start < len(rows):
+        end, size = start + 1, len(rows[start][10])  # [10]: the body
+        while end < len(rows) and end - start < FILL_ROWS:
+            size += len(rows[end][10])
+            if size > FILL_BYTES:
+                break
+            end += 1
+        params = [v for pos in range(start, end) for v in (pos, *rows[pos])]
+        conn.execute(_fill(end - start), params)
+        start = end
+    conn.execute(RECORD, (len(rows),))
+    (recorded,) = conn.execute(RECORDED, (len(rows),)).fetchone()
+    found: list[Found] = [[]] * len(rows)
+    for row in orjson.loads(recorded):
+        found[row[0]] = row
     return found
 
 

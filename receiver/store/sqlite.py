@@ -4,7 +4,7 @@ Why group commit: SQLite allows one writer at a time, and a commit costs an fsyn
 handed to the writer thread, which takes everything queued at once and commits it together,
 then wakes each caller with its own result. So concurrent callbacks share one fsync, and each
 caller still hears back only after its data is committed (`synchronous=FULL`: committed means
-on disk). Recording callbacks, the hot path, is three statements per batch (see `sql.RECORDER`).
+on disk). Recording callbacks, the hot path, is a few statements per batch (see `sql.RECORDER`).
 Reads use a second connection in a thread of their own (WAL lets them proceed during writes).
 """
 
@@ -122,8 +122,9 @@ class _Writer:
     each caller hears back once its write has committed.
 
     Every request queued meanwhile for the same operation runs as one call,
-    `op(conn, [arg, ...])`, which commits all of them at once (so they share an fsync) and
-    returns one result per argument. The thread takes the next batch as soon as one is done,
+    `op(conn, [arg, ...])`, which commits them together (so they share an fsync; recording
+    commits once more per prediction that comes again in the batch) and returns one result
+    per argument. The thread takes the next batch as soon as one is done,
     without waiting for the event loop, and SQLite releases the GIL while it works and while
     it waits for the disk: the loop answers one batch while the next is being written.
     """

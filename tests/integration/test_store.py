@@ -600,7 +600,7 @@ async def test_claimed_events_carry_the_recorded_times_exactly(store: Store) -> 
 async def test_sqlite_large_batches_are_recorded_in_pieces_and_rounds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SQLite: a batch larger than one statement takes goes in in pieces, and several states of
+    """SQLite: a batch larger than one INSERT takes is written in pieces, and several states of
     one prediction in one batch are recorded in rounds, each callback exactly as it came."""
     from receiver.store import sql
 
@@ -622,6 +622,35 @@ async def test_sqlite_large_batches_are_recorded_in_pieces_and_rounds(
             event = await store.get_event(result.event_id)
             assert event is not None and event.body == sent.body
             assert event.prediction_id == sent.prediction_id
+    finally:
+        await store.close()
+
+
+async def test_sqlite_a_job_recorded_in_one_batch_ends_as_if_its_states_came_one_by_one(
+    tmp_path: Path,
+) -> None:
+    """SQLite: several states of one job in one group commit (a prediction repeated, a second
+    prediction): the job ends in the first of its highest statuses, at that state's time, and
+    takes its prediction id from the first state that moved it."""
+    store = open_store(f"sqlite:///{tmp_path / 'receiver.db'}", ROUTES)
+    await store.migrate()
+    try:
+        job, token = await new_job(store)
+        batch = [
+            callback(token, "pred_a", "running", at=T0 + 1),
+            callback(token, "pred_a", "completed", at=T0 + 2),
+            callback(token, "pred_b", "failed", at=T0 + 3),
+        ]
+        results = await asyncio.gather(*(store.record(i) for i in batch))
+        assert [r.outcome for r in results] == [Outcome.RECORDED] * 3
+        found = await store.get_job(job.id)
+        assert found is not None
+        ended = found[0]
+        assert (ended.status, ended.completed_at, ended.prediction_id) == (
+            "completed",
+            T0 + 2,
+            "pred_a",
+        )
     finally:
         await store.close()
 
