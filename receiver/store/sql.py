@@ -222,13 +222,16 @@ def set_submitted(
     return job_from_row(row)
 
 
-# Recording on SQLite, a round of callbacks at a time: the rows go into a TEMP table
-# (`recording`), one INSERT into the view `record_batch` records them all, and one SELECT reads
-# back what happened. The view's trigger runs set-based statements over the round: measured,
-# half the CPU of a trigger run once per row. And it is one statement: one transaction (atomic,
-# and durable before it returns), one stretch of C in which SQLite releases the GIL, so the
-# writer's thread runs it while the event loop serves requests. Rows are bound as parameters
-# (bodies as BLOBs): nothing is escaped into JSON and parsed again.
+# Recording on SQLite, a round of callbacks at a time, in two statements: an INSERT into the
+# view `incoming` and a SELECT that reads back what happened. `incoming`'s trigger keeps each
+# row in a TEMP table (`recording`); at the round's last row it fires `record_batch`, whose
+# trigger runs set-based statements over the round: measured, half the CPU of a trigger that
+# records row by row. So recording is one statement: one transaction (atomic, and durable
+# before it returns), one stretch of C in which SQLite releases the GIL, so the writer's
+# thread runs it while the event loop serves requests. (Each further statement hands the GIL
+# to the loop and takes it back: with the fill and the recording as two statements, the
+# service recorded 14 % fewer callbacks per second, side by side.) Rows are bound as
+# parameters (bodies as BLOBs): nothing is escaped into JSON and parsed again.
 #
 # Set-based statements judge every row against the state before the round, so a round never
 # holds the same prediction twice: `record` cuts a batch into rounds, in the order the rows
@@ -246,6 +249,17 @@ RECORDER = (
     )
     """,
     "CREATE TEMP VIEW IF NOT EXISTS record_batch AS SELECT NULL AS size WHERE 0",
+    # One row of a round: its position, the round's size, the row.
+    f"""CREATE TEMP VIEW IF NOT EXISTS incoming AS SELECT NULL AS pos, NULL AS size,
+        {", ".join(f"NULL AS {c.strip()}" for c in RECORDING_COLUMNS.split(","))} WHERE 0""",
+    f"""
+    CREATE TEMP TRIGGER IF NOT EXISTS incoming INSTEAD OF INSERT ON incoming
+    BEGIN
+        REPLACE INTO recording (pos, {RECORDING_COLUMNS})
+        VALUES (NEW.pos, {", ".join(f"NEW.{c.strip()}" for c in RECORDING_COLUMNS.split(","))});
+        INSERT INTO record_batch (size) SELECT NEW.size WHERE NEW.pos = NEW.size - 1;
+    END
+    """,
     # The rows of this batch are those with pos < size (rows past it are an earlier batch's).
     # 1. each event, if the job exists and the prediction may take this status (the rule of
     #    `judge`); the unique (prediction_id, status) key drops duplicates (and the primary
@@ -306,7 +320,6 @@ RECORDER = (
     END
     """,
 )
-RECORD = "INSERT INTO record_batch (size) VALUES (?)"
 # What recording did, per row: the job, the event if it went in (with its deliveries' sinks),
 # and the prediction's state now, which tells why an event did not go in. One row of JSON:
 # each row fetched is a step of SQLite, and each step a hand-over of the GIL.
@@ -320,7 +333,7 @@ LEFT JOIN events e ON e.id = b.id
 LEFT JOIN predictions p ON p.id = b.prediction_id
 WHERE b.pos < ?
 """
-# An INSERT into `recording` takes at most FILL_ROWS rows (each size is a statement of its own in
+# An INSERT into `incoming` takes at most FILL_ROWS rows (each size is a statement of its own in
 # the connection's cache, 128 by default) and FILL_BYTES of bodies, or one larger body alone. A
 # cached statement keeps the values last bound to it (SQLite copies them), so this also bounds
 # what stays in memory between batches.
@@ -332,8 +345,8 @@ Prepared = tuple[Any, ...]
 
 
 def _fill(rows: int) -> str:
-    one = f"({', '.join('?' * (RECORDING_COLUMNS.count(',') + 2))})"
-    return f"REPLACE INTO recording (pos, {RECORDING_COLUMNS}) VALUES {', '.join([one] * rows)}"
+    one = f"({', '.join('?' * (RECORDING_COLUMNS.count(',') + 3))})"
+    return f"INSERT INTO incoming (pos, size, {RECORDING_COLUMNS}) VALUES {', '.join([one] * rows)}"
 
 
 def prepare(incoming: Incoming, routes: Sequence[Route]) -> Prepared:
@@ -361,7 +374,7 @@ def record(conn: sqlite3.Connection, batch: Sequence[Prepared]) -> list[Found]:
     """Record each prepared state of `batch`; RECORDED's row for each, in order (`outcome`
     tells what it means).
 
-    Runs outside any transaction: each round's RECORD commits on its own.
+    Runs outside any transaction: the INSERT with a round's last row commits the round.
     """
     found: list[Found] = [[]] * len(batch)
     start = 0
@@ -377,20 +390,19 @@ def record(conn: sqlite3.Connection, batch: Sequence[Prepared]) -> list[Found]:
 
 
 def _record_round(conn: sqlite3.Connection, rows: Sequence[Prepared]) -> list[Found]:
-    start = 0
-    while start < len(rows):
+    start, n = 0, len(rows)
+    while start < n:
         end, size = start + 1, len(rows[start][10])  # [10]: the body
-        while end < len(rows) and end - start < FILL_ROWS:
+        while end < n and end - start < FILL_ROWS:
             size += len(rows[end][10])
             if size > FILL_BYTES:
                 break
             end += 1
-        params = [v for pos in range(start, end) for v in (pos, *rows[pos])]
+        params = [v for pos in range(start, end) for v in (pos, n, *rows[pos])]
         conn.execute(_fill(end - start), params)
         start = end
-    conn.execute(RECORD, (len(rows),))
-    (recorded,) = conn.execute(RECORDED, (len(rows),)).fetchone()
-    found: list[Found] = [[]] * len(rows)
+    (recorded,) = conn.execute(RECORDED, (n,)).fetchone()
+    found: list[Found] = [[]] * n
     for row in orjson.loads(recorded):
         found[row[0]] = row
     return found
