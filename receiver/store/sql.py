@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import sqlite3
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -238,10 +238,27 @@ def set_submitted(
 # came, where a prediction comes again. Two predictions of one job may share a round: the job
 # takes the highest status (the first row to reach it, as if the rows had come one by one),
 # and a job without a prediction id takes that of the first row that moved it.
-RECORDING_COLUMNS = (
-    "id, token_hash, job_id, prediction_id, status, rank, domain, source, verification,"
-    " received_at, body, sinks"
-)
+
+
+class Prepared(NamedTuple):
+    """A callback (or polled state) made ready by the caller, so that the writer's thread only
+    runs the statements: a row of `recording`, bound as it is."""
+
+    id: str  # the event's, should it be recorded
+    token_hash: str | None
+    job_id: str | None
+    prediction_id: str
+    status: str
+    rank: int
+    domain: str | None
+    source: str
+    verification: str
+    received_at: float
+    body: bytes
+    sinks: str | None  # JSON: [[name, domains or null], ...] of the sinks that want the status
+
+
+RECORDING_COLUMNS = ", ".join(Prepared._fields)
 RECORDER = (
     f"""
     CREATE TEMP TABLE IF NOT EXISTS recording (
@@ -251,12 +268,12 @@ RECORDER = (
     "CREATE TEMP VIEW IF NOT EXISTS record_batch AS SELECT NULL AS size WHERE 0",
     # One row of a round: its position, the round's size, the row.
     f"""CREATE TEMP VIEW IF NOT EXISTS incoming AS SELECT NULL AS pos, NULL AS size,
-        {", ".join(f"NULL AS {c.strip()}" for c in RECORDING_COLUMNS.split(","))} WHERE 0""",
+        {", ".join(f"NULL AS {c}" for c in Prepared._fields)} WHERE 0""",
     f"""
     CREATE TEMP TRIGGER IF NOT EXISTS incoming INSTEAD OF INSERT ON incoming
     BEGIN
         REPLACE INTO recording (pos, {RECORDING_COLUMNS})
-        VALUES (NEW.pos, {", ".join(f"NEW.{c.strip()}" for c in RECORDING_COLUMNS.split(","))});
+        VALUES (NEW.pos, {qualified("NEW", RECORDING_COLUMNS)});
         INSERT INTO record_batch (size) SELECT NEW.size WHERE NEW.pos = NEW.size - 1;
     END
     """,
@@ -266,7 +283,7 @@ RECORDER = (
     #    key an event already written: a batch tried again after its commit);
     # 2-4. for the round's events (new, or already there when a round is run again): the
     #    predictions' states, the jobs (only forwards), and one delivery per candidate sink
-    #    (`sinks`: [[name, domains or null], ...]) that wants the event's domain.
+    #    (`Prepared.sinks`) that wants the event's domain.
     f"""
     CREATE TEMP TRIGGER IF NOT EXISTS record_batch INSTEAD OF INSERT ON record_batch
     BEGIN
@@ -339,19 +356,16 @@ WHERE b.pos < ?
 # what stays in memory between batches.
 FILL_ROWS = 64
 FILL_BYTES = 1024 * 1024
-# A callback (or polled state) made ready by the caller for RECORDING_COLUMNS, so that the
-# writer's thread only runs the statements.
-Prepared = tuple[Any, ...]
 
 
 def _fill(rows: int) -> str:
-    one = f"({', '.join('?' * (RECORDING_COLUMNS.count(',') + 3))})"
+    one = f"({', '.join('?' * (2 + len(Prepared._fields)))})"  # pos, size, the row
     return f"INSERT INTO incoming (pos, size, {RECORDING_COLUMNS}) VALUES {', '.join([one] * rows)}"
 
 
 def prepare(incoming: Incoming, routes: Sequence[Route]) -> Prepared:
     sinks = [(r.sink, r.domains or None) for r in routes if r.wants_status(incoming.status)]
-    return (
+    return Prepared(
         new_id("evt"),
         incoming.token_hash,
         incoming.job_id,
@@ -380,8 +394,8 @@ def record(conn: sqlite3.Connection, batch: Sequence[Prepared]) -> list[Found]:
     start = 0
     while start < len(batch):
         end, seen = start, set()
-        while end < len(batch) and batch[end][3] not in seen:  # [3]: the prediction id
-            seen.add(batch[end][3])
+        while end < len(batch) and batch[end].prediction_id not in seen:
+            seen.add(batch[end].prediction_id)
             end += 1
         for pos, row in enumerate(_record_round(conn, batch[start:end]), start):
             found[pos] = row
@@ -392,9 +406,9 @@ def record(conn: sqlite3.Connection, batch: Sequence[Prepared]) -> list[Found]:
 def _record_round(conn: sqlite3.Connection, rows: Sequence[Prepared]) -> list[Found]:
     start, n = 0, len(rows)
     while start < n:
-        end, size = start + 1, len(rows[start][10])  # [10]: the body
+        end, size = start + 1, len(rows[start].body)
         while end < n and end - start < FILL_ROWS:
-            size += len(rows[end][10])
+            size += len(rows[end].body)
             if size > FILL_BYTES:
                 break
             end += 1

@@ -124,9 +124,9 @@ class _Writer:
     Every request queued meanwhile for the same operation runs as one call,
     `op(conn, [arg, ...])`, which commits them together (so they share an fsync; recording
     commits once more per prediction that comes again in the batch) and returns one result
-    per argument. The thread takes the next batch as soon as one is done,
-    without waiting for the event loop, and SQLite releases the GIL while it works and while
-    it waits for the disk: the loop answers one batch while the next is being written.
+    per argument. The thread takes the next batch as soon as one is done, without waiting for
+    the event loop, and SQLite releases the GIL while it works and while it waits for the
+    disk: the loop answers one batch while the next is being written.
     """
 
     def __init__(self, path: str, setup: Sequence[str] = ()) -> None:
