@@ -1,4 +1,10 @@
-"""Plain data: jobs, events, deliveries and the rules about statuses. No I/O here."""
+"""Plain data: jobs, events, deliveries and the rules about statuses. No I/O here.
+
+Event, Delivery and Claimed (and store.Attempt) are made once per delivery, a claim making
+three per row in the store's thread while it holds the GIL, so they are not frozen: a frozen
+dataclass sets every field through `object.__setattr__`, and measured, building a claim's
+objects took 9.7 µs per row frozen against 2.8 µs plain. Treat them as read-only all the same.
+"""
 
 from __future__ import annotations
 
@@ -103,7 +109,7 @@ class Job:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     """One recorded state of a prediction, with the body exactly as it arrived."""
 
@@ -208,7 +214,7 @@ class DeliveryState(StrEnum):
     DEAD = "dead"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Delivery:
     """One event on its way to one sink."""
 
@@ -238,7 +244,7 @@ class Delivery:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Claimed:
     """A leased delivery with what the sink needs to send it."""
 

@@ -23,7 +23,7 @@ class Page:
     next_cursor: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Attempt:
     """The outcome of one delivery attempt, as the dispatcher reports it."""
 
