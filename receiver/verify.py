@@ -1,6 +1,7 @@
 """Callback checks: pure functions over raw bytes, no I/O.
 
-VLM Run signs the raw body: `X-VLMRun-Signature: sha256=<hex HMAC-SHA256(secret, body)>`.
+VLM Run signs the raw body: `X-VLMRun-Signature: sha256=<hex HMAC-SHA256(secret, body)>`; some
+SDK versions and docs name the header `X-VLM-Signature`, same format, so both are read.
 There is no timestamp in it, so a captured callback can be replayed: the store deduplicates
 and never moves a job backwards; this module only decides whether the bytes are authentic.
 """
@@ -16,6 +17,8 @@ from typing import Any
 import orjson
 
 SIGNATURE_PREFIX = "sha256="
+# Lower-case, as ASGI gives header names; the first one present is checked.
+SIGNATURE_HEADERS = (b"x-vlmrun-signature", b"x-vlm-signature")
 
 
 class Rejected(Exception):
@@ -49,9 +52,9 @@ def check_signature(secrets: list[str], body: bytes, header: str | None) -> str:
     if not secrets:
         return "token"
     if not header:
-        raise Rejected(401, "missing X-VLMRun-Signature")
+        raise Rejected(401, "missing X-VLMRun-Signature (or X-VLM-Signature)")
     if not header.startswith(SIGNATURE_PREFIX):
-        raise Rejected(401, "X-VLMRun-Signature must be sha256=<hex>")
+        raise Rejected(401, "signature header must be sha256=<hex>")
     given = header[len(SIGNATURE_PREFIX) :].strip().lower().encode()
     for secret in secrets:
         mac = _keyed(secret).copy()

@@ -22,7 +22,7 @@ from receiver import logs
 from receiver.errors import StoreError
 from receiver.models import Incoming, Outcome, hash_token, new_id
 from receiver.routes import Services
-from receiver.verify import Rejected, check_signature, parse_prediction
+from receiver.verify import SIGNATURE_HEADERS, Rejected, check_signature, parse_prediction
 
 log = structlog.get_logger("receiver.callbacks")
 PREFIX = "/callbacks/vlmrun/"
@@ -96,7 +96,7 @@ class CallbackEndpoint:
         content_length: int | None = None
         request_id: str | None = None
         for name, value in scope["headers"]:
-            if name == b"x-vlmrun-signature":
+            if name in SIGNATURE_HEADERS and signature is None:
                 signature = value.decode("latin-1")
             elif name == b"content-length" and value.isdigit():
                 content_length = int(value)
