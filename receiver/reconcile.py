@@ -16,8 +16,10 @@ by the same path as a callback (source `poll`), so a callback arriving later is 
   (`cancelled`?); `pending` and `running` just reschedule the job.
 - Deadline: a job unfinished `job_deadline` seconds after it was created is polled a last time
   (when it has a prediction), then marked `timed_out` (`receiver_jobs_timed_out`).
-- Start: the first round runs at once, so whatever fell overdue while the service was down is
-  worked off first.
+- Start: every unfinished job with a prediction is made due at once, and the first round runs
+  at once: a callback sent while the service was down is lost (the API tries twice, seconds
+  apart), so the results of downtime come back within the rate limit, not `reconcile_after`
+  after each job's submission.
 - Retention: every `prune_interval` seconds (the first time right after the first round),
   attempts, delivered rows and settled payloads older than `retention_days` are pruned
   (`store.prune`, in small batches, so no lock is held for long).
@@ -88,8 +90,13 @@ class Reconciler:
 
     async def run(self) -> None:
         """Reconcile and prune until stopped; store outages are waited out, never fatal."""
+        caught_up = False
         while not self._stopping.is_set():
             try:
+                if not caught_up:
+                    due = await self.store.poll_outstanding(self.clock())
+                    caught_up = True
+                    log.info("reconcile.catch_up", jobs=due)
                 done = await self.tick()  # first: the backlog of a restart goes before upkeep
                 await self._maybe_prune()
             except StoreError as exc:

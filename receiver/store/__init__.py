@@ -108,13 +108,20 @@ class Reconciliation(Protocol):
     async def schedule_poll(
         self, job_id: str, next_poll_at: float | None, attempts: int
     ) -> None: ...
+    async def poll_outstanding(self, now: float) -> int:
+        """Make every unfinished job that has a prediction due now; returns how many."""
+        ...
+
     async def time_out(self, job_id: str, now: float) -> None: ...
     async def prune(self, before: float) -> int: ...
-    async def stats(self, now: float) -> Stats: ...
 
 
 class Store(JobStore, EventStore, Outbox, Reconciliation, Protocol):
     routes: Sequence[Route]
+
+    async def stats(self, now: float) -> Stats:
+        """Gauges for /metrics."""
+        ...
 
     async def migrate(self) -> int:
         """Bring the schema up to date; returns the version now in force."""

@@ -469,6 +469,11 @@ class PostgresStore:
         async with self._conn() as conn:
             await conn.execute(_pg(sql.SCHEDULE_POLL), next_poll_at, attempts, job_id)
 
+    async def poll_outstanding(self, now: float) -> int:
+        async with self._conn() as conn:
+            status: str = await conn.execute(_pg(sql.POLL_OUTSTANDING), now, now)
+        return int(status.rsplit(" ", 1)[-1])  # "UPDATE <n>"
+
     async def time_out(self, job_id: str, now: float) -> None:
         async with self._conn() as conn:
             await conn.execute(_pg(sql.TIME_OUT), TIMED_OUT, now, job_id)

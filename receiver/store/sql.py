@@ -93,6 +93,12 @@ UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, lease_until 
 WHERE id = ? AND state = 'leased' AND lease_until = ?
 """
 SCHEDULE_POLL = "UPDATE jobs SET next_poll_at = ?, poll_attempts = ? WHERE id = ?"
+# After downtime: every outstanding job with a prediction is due now (its callback may have
+# come and gone while nobody listened); those without one can only wait for their callback.
+POLL_OUTSTANDING = (
+    "UPDATE jobs SET next_poll_at = ? WHERE next_poll_at > ? AND prediction_id IS NOT NULL"
+    f" AND status_rank < {TERMINAL_RANK}"
+)
 TIME_OUT = (
     f"UPDATE jobs SET status = ?, status_rank = {TERMINAL_RANK}, updated_at = ?,"
     f" next_poll_at = NULL WHERE id = ? AND status_rank < {TERMINAL_RANK}"
@@ -655,6 +661,10 @@ def schedule_poll(
     conn: sqlite3.Connection, job_id: str, next_poll_at: float | None, attempts: int
 ) -> None:
     conn.execute(SCHEDULE_POLL, (next_poll_at, attempts, job_id))
+
+
+def poll_outstanding(conn: sqlite3.Connection, now: float) -> int:
+    return conn.execute(POLL_OUTSTANDING, (now, now)).rowcount
 
 
 def time_out(conn: sqlite3.Connection, job_id: str, now: float) -> None:

@@ -394,6 +394,9 @@ class SqliteStore:
     async def schedule_poll(self, job_id: str, next_poll_at: float | None, attempts: int) -> None:
         await self._write(lambda c: sql.schedule_poll(c, job_id, next_poll_at, attempts))
 
+    async def poll_outstanding(self, now: float) -> int:
+        return await self._write(lambda c: sql.poll_outstanding(c, now))
+
     async def time_out(self, job_id: str, now: float) -> None:
         await self._write(lambda c: sql.time_out(c, job_id, now))
 
