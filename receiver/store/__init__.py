@@ -53,6 +53,10 @@ class Stats:
 
 class JobStore(Protocol):
     async def create_job(self, job: Job, token_hash: str) -> None: ...
+    async def find_job(self, token_hash: str) -> str | None:
+        """The id of the job whose callback token has this hash (None: no such job)."""
+        ...
+
     async def set_submitted(
         self, job_id: str, prediction_id: str | None, status: str, error: str | None, now: float
     ) -> Job: ...

@@ -4,10 +4,12 @@ The statements are those of `receiver.store.sql`, numbered for PostgreSQL, so bo
 run the same SQL and map rows with the same helpers. What differs is concurrency: several
 processes write at once here, so
 
-- `record()` is one statement (one round trip, committed on its own): it locks the job row,
-  and the prediction's upsert is the judge: its `ON CONFLICT ... WHERE` sees the newest
-  committed state of the prediction, so "running" and "completed" arriving at once can never
-  move it backwards, and the events' unique key still decides what is a duplicate;
+- `record()` is group commit, as on SQLite: the callbacks that arrive while a batch is being
+  written go into the next one, one transaction of a few set-based statements (one array
+  per column, `unnest`ed) whatever its size (`receiver.store.recording`). The batch's jobs
+  are locked first, in id order, so one transaction at a time judges a job's callbacks, and
+  the events' unique key decides what is a duplicate. Another replica writing a prediction
+  of another job meanwhile is caught and the batch run again;
 - `claim()` picks rows with `FOR UPDATE SKIP LOCKED` and returns them with their events in one
   statement: workers never wait for, nor share, a row;
 - writes that make work due `NOTIFY receiver_outbox` inside their transaction (delivered on
@@ -39,13 +41,13 @@ from receiver.models import (
     Event,
     Incoming,
     Job,
-    Outcome,
     RecordResult,
     Route,
-    new_id,
     status_rank,
 )
-from receiver.store import Attempt, Page, Stats, sql
+from receiver.store import Attempt, Page, Stats, recording, sql
+from receiver.store.groupcommit import GroupCommit
+from receiver.store.recording import Row, Statement
 from receiver.store.schema import MIGRATIONS, VERSION_TABLE, render
 
 log = structlog.get_logger(__name__)
@@ -55,6 +57,7 @@ _NOTIFY = f"NOTIFY {CHANNEL}"
 _MIGRATE_LOCK = 0x7265636569766572  # "receiver": one key for every process sharing the database
 _RECONCILE_LOCK = _MIGRATE_LOCK + 1
 _PRUNE_BATCH = 1000
+_RACES = 5  # times a batch is run again after losing a race, before it is an error
 _CONNECT_TIMEOUT = 10.0
 
 # Errors that mean "the database cannot be reached right now": callers answer 503 and retry.
@@ -77,60 +80,19 @@ _DRIVER: tuple[type[BaseException], ...] = (
 # `?` -> `$n` once per distinct statement (the dynamic ones have a handful of shapes each).
 _pg = functools.cache(sql.numbered)
 
-# record() in one statement. Parameters: $1 token hash or job id, $2 prediction id, $3 status,
-# $4 its rank, $5 new event id, $6 domain (NULL: the job's), $7 source, $8 verification,
-# $9 received at, $10 body, $11/$12 the sinks whose status filter matches and their domain
-# filters (NULL: any domain; else the domains joined by \x1f).
-# - `job` locks the job row first (the order set_submitted() takes too: no deadlock);
-# - `pred` is the judge. ON CONFLICT DO UPDATE sees the prediction's newest committed row even
-#   when the statement's snapshot is older, so its WHERE is the rule of `sql.judge` applied to
-#   the truth: same job, and a higher rank or the same status. No row back: stale (or conflict);
-# - `event` then relies on the unique (prediction_id, status) key for duplicates;
-# - a job only moves forward (`jobs.status_rank < $4` is re-checked on the newest row);
-# - pg_notify() is transactional: workers hear of the new rows once they are committed.
-_RECORD = """
-WITH job AS (
-    SELECT id, domain FROM jobs WHERE {key} = $1 FOR UPDATE
-), known AS (
-    SELECT job_id FROM predictions WHERE id = $2
-), pred AS (
-    INSERT INTO predictions AS p (id, job_id, status, status_rank, updated_at)
-    SELECT $2, job.id, $3, $4, $9 FROM job
-    ON CONFLICT (id) DO UPDATE SET status = excluded.status, status_rank = excluded.status_rank,
-        updated_at = CASE WHEN p.status_rank < excluded.status_rank THEN excluded.updated_at
-            ELSE p.updated_at END
-    WHERE p.job_id = excluded.job_id
-      AND (p.status_rank < excluded.status_rank OR p.status = excluded.status)
-    RETURNING job_id
-), event AS (
-    INSERT INTO events (id, job_id, prediction_id, status, domain, source, verification,
-        received_at, body)
-    SELECT $5, job.id, $2, $3, COALESCE($6, job.domain), $7, $8, $9, $10 FROM job, pred
-    ON CONFLICT (prediction_id, status) DO NOTHING
-    RETURNING id, job_id, domain
-), advanced AS (
-    UPDATE jobs SET status = $3, status_rank = $4, updated_at = $9,
-        prediction_id = COALESCE(jobs.prediction_id, $2),
-        completed_at = CASE WHEN $4 >= {terminal} THEN $9 ELSE jobs.completed_at END,
-        next_poll_at = CASE WHEN $4 >= {terminal} THEN NULL ELSE jobs.next_poll_at END
-    FROM event WHERE jobs.id = event.job_id AND jobs.status_rank < $4
-), queued AS (
-    INSERT INTO deliveries (event_id, sink, state, attempts, next_attempt_at, created_at,
-        updated_at)
-    SELECT event.id, r.sink, 'pending', 0, $9, $9, $9
-    FROM event, unnest($11::text[], $12::text[]) AS r(sink, domains)
-    WHERE r.domains IS NULL OR event.domain = ANY(string_to_array(r.domains, E'\\x1f'))
-    ON CONFLICT (event_id, sink) DO NOTHING
-    RETURNING sink
-)
-SELECT (SELECT id FROM job), (SELECT job_id FROM known), (SELECT count(*) FROM pred),
-    (SELECT id FROM event), (SELECT array_agg(sink) FROM queued),
-    (SELECT count(pg_notify('{channel}', '')) FROM (SELECT 1 FROM queued LIMIT 1) AS any_row)
-"""
-_RECORD_BY_TOKEN = _RECORD.format(key="token_hash", terminal=TERMINAL_RANK, channel=CHANNEL)
-_RECORD_BY_ID = _RECORD.format(key="id", terminal=TERMINAL_RANK, channel=CHANNEL)
-_DOMAIN_SEP = "\x1f"
 _APPLIED = "INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, $3)"
+
+
+class _Rows:
+    """A connection as recording uses it: a batch's rows bound as one array per column."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def run(self, statement: Statement, rows: Sequence[Row]) -> list[Row]:
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        found: list[Row] = await self._conn.fetch(statement.postgres, *columns)
+        return found
 
 
 @functools.cache
@@ -192,6 +154,7 @@ class PostgresStore:
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
+        self._recorder: GroupCommit[Incoming, RecordResult] = GroupCommit(self._record_batch)
         self._listener: asyncpg.Connection | None = None
         self._work = asyncio.Event()
         self._leader: asyncpg.Connection | None = None  # holds the reconciler lock (or tries)
@@ -226,6 +189,7 @@ class PostgresStore:
             yield conn
 
     async def close(self) -> None:
+        await self._recorder.close()
         for conn in (self._listener, self._leader):
             if conn is not None:
                 with contextlib.suppress(Exception):
@@ -301,40 +265,43 @@ class PostgresStore:
 
     # -- events ------------------------------------------------------------------------------
 
-    async def record(self, incoming: Incoming) -> RecordResult:
-        rank = status_rank(incoming.status)
-        # The routes that want this status; their domain filters are applied in SQL, where
-        # the event's domain (the callback's, else the job's) is known.
-        routes = [r for r in self.routes if r.wants_status(incoming.status)]
-        by_token = incoming.token_hash is not None
-        event_id = new_id("evt")
+    async def find_job(self, token_hash: str) -> str | None:
         async with self._conn() as conn:
-            row = await conn.fetchrow(
-                _RECORD_BY_TOKEN if by_token else _RECORD_BY_ID,
-                incoming.token_hash if by_token else incoming.job_id,
-                incoming.prediction_id,
-                incoming.status,
-                rank,
-                event_id,
-                incoming.domain,
-                incoming.source,
-                incoming.verification,
-                incoming.received_at,
-                incoming.body,
-                [r.sink for r in routes],
-                [_DOMAIN_SEP.join(r.domains) if r.domains else None for r in routes],
-            )
-        job_id, owner, judged, recorded, queued, _ = row
-        if job_id is None:
-            return RecordResult(Outcome.UNKNOWN_TOKEN)
-        if not judged:
-            # Refused by the judge: another job's prediction, or an older status.
-            conflict = owner is not None and owner != job_id
-            return RecordResult(Outcome.CONFLICT if conflict else Outcome.STALE, job_id)
-        if recorded is None:
-            return RecordResult(Outcome.DUPLICATE, job_id)
-        sinks = tuple(r.sink for r in routes if r.sink in queued) if queued else ()
-        return RecordResult(Outcome.RECORDED, job_id, recorded, sinks)
+            job_id: str | None = await conn.fetchval(_pg(sql.JOB_BY_TOKEN), token_hash)
+        return job_id
+
+    async def record(self, incoming: Incoming) -> RecordResult:
+        return await self._recorder.submit(incoming)
+
+    async def _record_batch(self, batch: list[Incoming]) -> list[RecordResult | BaseException]:
+        """One transaction for the batch; run again if it lost a race (`recording.LostRace`,
+        or a deadlock PostgreSQL broke); if it fails otherwise, each callback alone, so only
+        the one at fault fails."""
+        for _ in range(_RACES):
+            try:
+                async with self._tx() as conn:
+                    results = await recording.record(_Rows(conn), batch, self.routes)
+                    if any(r.sinks for r in results):
+                        await conn.execute(_NOTIFY)  # delivered on commit
+                return list(results)
+            except recording.LostRace:
+                continue
+            except StoreUnavailable:
+                raise
+            except StoreError as exc:
+                if isinstance(exc.__cause__, asyncpg.exceptions.DeadlockDetectedError):
+                    continue
+                if len(batch) == 1:
+                    raise
+                return [(await self._alone(item)) for item in batch]
+        raise StoreError(f"postgres: recording lost {_RACES} races in a row")
+
+    async def _alone(self, item: Incoming) -> RecordResult | BaseException:
+        try:
+            [result] = await self._record_batch([item])
+        except StoreError as exc:
+            return exc
+        return result
 
     async def get_event(self, event_id: str) -> Event | None:
         async with self._conn() as conn:

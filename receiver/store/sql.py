@@ -2,10 +2,9 @@
 
 The statements are written once with `?` placeholders and portable SQL (ON CONFLICT,
 RETURNING); the PostgreSQL backend numbers the placeholders (`numbered`) and runs the same
-text, except where it does better in one statement (recording a callback) or must lock
-(claiming). The functions below are the SQLite operations; each runs inside the writer's (or the
-reader's) transaction and never commits on its own, except `record`, whose statements are
-their own transactions.
+text, except where it must lock (claiming). Recording callbacks, shared by both backends too,
+is `receiver.store.recording`. The functions below are the SQLite operations; each runs
+inside the writer's (or the reader's) transaction and never commits on its own.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from __future__ import annotations
 import re
 import sqlite3
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 
@@ -23,12 +22,7 @@ from receiver.models import (
     Claimed,
     Delivery,
     Event,
-    Incoming,
     Job,
-    Outcome,
-    RecordResult,
-    Route,
-    new_id,
     status_rank,
 )
 from receiver.store import Attempt, Page, Stats
@@ -63,6 +57,7 @@ INSERT INTO predictions (id, job_id, status, status_rank, updated_at) VALUES (?,
 ON CONFLICT (id) DO NOTHING
 """
 SELECT_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
+JOB_BY_TOKEN = "SELECT id FROM jobs WHERE token_hash = ?"
 SELECT_EVENT = f"SELECT {EVENT_COLUMNS} FROM events WHERE id = ?"
 EVENTS_OF_JOB = f"SELECT {EVENT_COLUMNS} FROM events WHERE job_id = ? ORDER BY received_at, id"
 INSERT_DELIVERY = """
@@ -189,22 +184,6 @@ def submitted_params(
     return (prediction_id, rank, status, rank, rank, error, now, rank, now, rank, job_id)
 
 
-def judge(job_id: str, incoming: Incoming, known: Sequence[Any] | None) -> Outcome | None:
-    """Why a state was refused, from the prediction's recorded state alone (None: not refused
-    by it; the unique key then calls it a duplicate, which holds under concurrency too).
-
-    A status at or below the recorded one (other than the same one) is stale: it can never
-    move the prediction backwards.
-    """
-    if known is None:
-        return None
-    if known[0] != job_id:
-        return Outcome.CONFLICT
-    if incoming.status != known[1] and status_rank(incoming.status) <= known[2]:
-        return Outcome.STALE
-    return None
-
-
 # -- SQLite operations (run by the writer or reader thread) ---------------------------------
 
 
@@ -226,219 +205,6 @@ def set_submitted(
     if prediction_id is not None:
         conn.execute(INSERT_PREDICTION, (prediction_id, job_id, status, status_rank(status), now))
     return job_from_row(row)
-
-
-# Recording on SQLite, a round of callbacks at a time, in two statements: an INSERT into the
-# view `incoming` and a SELECT that reads back what happened. `incoming`'s trigger keeps each
-# row in a TEMP table (`recording`); at the round's last row it fires `record_batch`, whose
-# trigger runs set-based statements over the round: measured, half the CPU of a trigger that
-# records row by row. So recording is one statement: one transaction (atomic, and durable
-# before it returns), one stretch of C in which SQLite releases the GIL, so the writer's
-# thread runs it while the event loop serves requests. (Each further statement hands the GIL
-# to the loop and takes it back: with the fill and the recording as two statements, the
-# service recorded 14 % fewer callbacks per second, side by side.) Rows are bound as
-# parameters (bodies as BLOBs): nothing is escaped into JSON and parsed again.
-#
-# Set-based statements judge every row against the state before the round, so a round never
-# holds the same prediction twice: `record` cuts a batch into rounds, in the order the rows
-# came, where a prediction comes again. Two predictions of one job may share a round: the job
-# takes the highest status (the first row to reach it, as if the rows had come one by one),
-# and a job without a prediction id takes that of the first row that moved it.
-
-
-class Prepared(NamedTuple):
-    """A callback (or polled state) made ready by the caller, so that the writer's thread only
-    runs the statements: a row of `recording`, bound as it is."""
-
-    id: str  # the event's, should it be recorded
-    token_hash: str | None
-    job_id: str | None
-    prediction_id: str
-    status: str
-    rank: int
-    domain: str | None
-    source: str
-    verification: str
-    received_at: float
-    body: bytes
-    sinks: str | None  # JSON: [[name, domains or null], ...] of the sinks that want the status
-
-
-RECORDING_COLUMNS = ", ".join(Prepared._fields)
-RECORDER = (
-    f"""
-    CREATE TEMP TABLE IF NOT EXISTS recording (
-        pos INTEGER PRIMARY KEY, {RECORDING_COLUMNS}
-    )
-    """,
-    "CREATE TEMP VIEW IF NOT EXISTS record_batch AS SELECT NULL AS size WHERE 0",
-    # One row of a round: its position, the round's size, the row.
-    f"""CREATE TEMP VIEW IF NOT EXISTS incoming AS SELECT NULL AS pos, NULL AS size,
-        {", ".join(f"NULL AS {c}" for c in Prepared._fields)} WHERE 0""",
-    f"""
-    CREATE TEMP TRIGGER IF NOT EXISTS incoming INSTEAD OF INSERT ON incoming
-    BEGIN
-        REPLACE INTO recording (pos, {RECORDING_COLUMNS})
-        VALUES (NEW.pos, {qualified("NEW", RECORDING_COLUMNS)});
-        INSERT INTO record_batch (size) SELECT NEW.size WHERE NEW.pos = NEW.size - 1;
-    END
-    """,
-    # The rows of this batch are those with pos < size (rows past it are an earlier batch's).
-    # 1. each event, if the job exists and the prediction may take this status (the rule of
-    #    `judge`); the unique (prediction_id, status) key drops duplicates (and the primary
-    #    key an event already written: a batch tried again after its commit);
-    # 2-4. for the round's events (new, or already there when a round is run again): the
-    #    predictions' states, the jobs (only forwards), and one delivery per candidate sink
-    #    (`Prepared.sinks`) that wants the event's domain.
-    f"""
-    CREATE TEMP TRIGGER IF NOT EXISTS record_batch INSTEAD OF INSERT ON record_batch
-    BEGIN
-        INSERT INTO events ({EVENT_COLUMNS})
-        SELECT b.id, j.id, b.prediction_id, b.status, COALESCE(b.domain, j.domain),
-            b.source, b.verification, b.received_at, b.body
-        FROM recording b JOIN jobs j
-            ON j.id = COALESCE(b.job_id, (SELECT id FROM jobs WHERE token_hash = b.token_hash))
-        WHERE b.pos < NEW.size
-          AND NOT EXISTS (SELECT 1 FROM predictions p WHERE p.id = b.prediction_id
-              AND (p.job_id <> j.id OR (p.status <> b.status AND p.status_rank >= b.rank)))
-        ON CONFLICT DO NOTHING;
-
-        INSERT INTO predictions (id, job_id, status, status_rank, updated_at)
-        SELECT e.prediction_id, e.job_id, e.status, b.rank, e.received_at
-        FROM recording b JOIN events e ON e.id = b.id
-        WHERE b.pos < NEW.size
-        ON CONFLICT (id) DO UPDATE SET status = excluded.status,
-            status_rank = excluded.status_rank, updated_at = excluded.updated_at
-        WHERE predictions.status_rank < excluded.status_rank;
-
-        UPDATE jobs SET status = x.status, status_rank = x.rank, updated_at = x.received_at,
-            prediction_id = COALESCE(jobs.prediction_id, (
-                SELECT b.prediction_id FROM recording b JOIN events e ON e.id = b.id
-                WHERE b.pos < NEW.size AND e.job_id = jobs.id AND b.rank > jobs.status_rank
-                ORDER BY b.pos LIMIT 1)),
-            completed_at = CASE WHEN x.rank >= {TERMINAL_RANK} THEN x.received_at
-                ELSE completed_at END,
-            next_poll_at = CASE WHEN x.rank >= {TERMINAL_RANK} THEN NULL ELSE next_poll_at END
-        FROM (
-            -- one row per job: the highest status (SQLite takes the other columns from the
-            -- row that has the max; of equals, the first one read: rows are read by pos)
-            SELECT e.job_id, max(b.rank) AS rank, b.status, b.received_at
-            FROM recording b JOIN events e ON e.id = b.id
-            WHERE b.pos < NEW.size
-            GROUP BY e.job_id
-        ) AS x
-        WHERE jobs.id = x.job_id AND jobs.status_rank < x.rank;
-
-        INSERT INTO deliveries (event_id, sink, state, attempts, next_attempt_at, created_at,
-            updated_at)
-        SELECT e.id, r.value ->> 0, 'pending', 0, b.received_at, b.received_at, b.received_at
-        FROM recording b JOIN events e ON e.id = b.id, json_each(b.sinks) r
-        WHERE b.pos < NEW.size AND (r.value ->> 1 IS NULL
-            OR e.domain IN (SELECT value FROM json_each(r.value -> 1)))
-        ON CONFLICT (event_id, sink) DO NOTHING;
-
-        -- RECORDED reads the rest; the bodies need not stay.
-        UPDATE recording SET body = NULL, sinks = NULL WHERE pos < NEW.size;
-        DELETE FROM recording WHERE pos >= NEW.size;
-    END
-    """,
-)
-# What recording did, per row: the job, the event if it went in (with its deliveries' sinks),
-# and the prediction's state now, which tells why an event did not go in. One row of JSON:
-# each row fetched is a step of SQLite, and each step a hand-over of the GIL.
-RECORDED = """
-SELECT json_group_array(json_array(b.pos, j.id, e.id, p.job_id, p.status, p.status_rank,
-    (SELECT json_group_array(sink) FROM deliveries d WHERE d.event_id = e.id)))
-FROM recording b
-LEFT JOIN jobs j ON j.id = COALESCE(b.job_id,
-    (SELECT id FROM jobs WHERE token_hash = b.token_hash))
-LEFT JOIN events e ON e.id = b.id
-LEFT JOIN predictions p ON p.id = b.prediction_id
-WHERE b.pos < ?
-"""
-# An INSERT into `incoming` takes at most FILL_ROWS rows (each size is a statement of its own in
-# the connection's cache, 128 by default) and FILL_BYTES of bodies, or one larger body alone. A
-# cached statement keeps the values last bound to it (SQLite copies them), so this also bounds
-# what stays in memory between batches.
-FILL_ROWS = 64
-FILL_BYTES = 1024 * 1024
-
-
-def _fill(rows: int) -> str:
-    one = f"({', '.join('?' * (2 + len(Prepared._fields)))})"  # pos, size, the row
-    return f"INSERT INTO incoming (pos, size, {RECORDING_COLUMNS}) VALUES {', '.join([one] * rows)}"
-
-
-def prepare(incoming: Incoming, routes: Sequence[Route]) -> Prepared:
-    sinks = [(r.sink, r.domains or None) for r in routes if r.wants_status(incoming.status)]
-    return Prepared(
-        new_id("evt"),
-        incoming.token_hash,
-        incoming.job_id,
-        incoming.prediction_id,
-        incoming.status,
-        status_rank(incoming.status),
-        incoming.domain,
-        incoming.source,
-        incoming.verification,
-        incoming.received_at,
-        incoming.body,
-        orjson.dumps(sinks).decode() if sinks else None,
-    )
-
-
-Found = list[Any]  # RECORDED's row: position, job id, event id, prediction's job/status/rank, sinks
-
-
-def record(conn: sqlite3.Connection, batch: Sequence[Prepared]) -> list[Found]:
-    """Record each prepared state of `batch`; RECORDED's row for each, in order (`outcome`
-    tells what it means).
-
-    Runs outside any transaction: the INSERT with a round's last row commits the round.
-    """
-    found: list[Found] = [[]] * len(batch)
-    start = 0
-    while start < len(batch):
-        end, seen = start, set()
-        while end < len(batch) and batch[end].prediction_id not in seen:
-            seen.add(batch[end].prediction_id)
-            end += 1
-        for pos, row in enumerate(_record_round(conn, batch[start:end]), start):
-            found[pos] = row
-        start = end
-    return found
-
-
-def _record_round(conn: sqlite3.Connection, rows: Sequence[Prepared]) -> list[Found]:
-    start, n = 0, len(rows)
-    while start < n:
-        end, size = start + 1, len(rows[start].body)
-        while end < n and end - start < FILL_ROWS:
-            size += len(rows[end].body)
-            if size > FILL_BYTES:
-                break
-            end += 1
-        params = [v for pos in range(start, end) for v in (pos, n, *rows[pos])]
-        conn.execute(_fill(end - start), params)
-        start = end
-    (recorded,) = conn.execute(RECORDED, (n,)).fetchone()
-    found: list[Found] = [[]] * n
-    for row in orjson.loads(recorded):
-        found[row[0]] = row
-    return found
-
-
-def outcome(incoming: Incoming, found: Found) -> RecordResult:
-    """What recording `incoming` did, from its row of RECORDED."""
-    if not found or found[1] is None:
-        return RecordResult(Outcome.UNKNOWN_TOKEN)
-    _, job_id, event_id, *known, sinks = found
-    if event_id is not None:
-        return RecordResult(Outcome.RECORDED, job_id, event_id, tuple(sinks))
-    # Not recorded: the prediction's state now says why (rows that changed nothing can be taken
-    # to have come last).
-    verdict = judge(job_id, incoming, known if known[0] is not None else None)
-    return RecordResult(verdict or Outcome.DUPLICATE, job_id)
 
 
 def get_job(conn: sqlite3.Connection, job_id: str) -> tuple[Job, list[Event]] | None:

@@ -1,24 +1,25 @@
 """SQLite backend: one file, WAL, and group commit through a single writer.
 
-Why group commit: SQLite allows one writer at a time, and a commit costs an fsync. Writes are
-handed to the writer thread, which takes everything queued at once and commits it together,
-then wakes each caller with its own result. So concurrent callbacks share one fsync, and each
+Why group commit: SQLite allows one writer at a time, and a commit costs a disk flush. Writes
+are queued; the writer takes everything queued at once and commits it in one transaction,
+then each caller hears its own result. So concurrent callbacks share one flush, and each
 caller still hears back only after its data is committed (`synchronous=FULL`: committed means
-on disk). Recording callbacks, the hot path, is a few statements per batch (see `sql.RECORDER`).
+on disk). The statements run on the event loop (they are quick: pages in memory); only the
+COMMIT, which waits for the disk, runs in a thread, so the loop serves requests meanwhile.
+Recording callbacks is `receiver.store.recording`, shared with PostgreSQL.
 Reads use a second connection in a thread of their own (WAL lets them proceed during writes).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import itertools
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,19 +28,17 @@ import structlog
 
 from receiver.errors import StoreError, StoreUnavailable
 from receiver.models import Claimed, Event, Incoming, Job, RecordResult, Route
-from receiver.store import Attempt, Page, Stats, sql
+from receiver.store import Attempt, Page, Stats, recording, sql
+from receiver.store.groupcommit import GroupCommit
+from receiver.store.recording import Row, Statement
 from receiver.store.schema import MIGRATIONS, VERSION_TABLE, render
 
 T = TypeVar("T")
-A = TypeVar("A")
 log = structlog.get_logger(__name__)
-_MAX_BATCH = 1024
 _SQLITE_NEEDED = (3, 38)
 # A write: an operation that takes the connection and the arguments of every request queued
 # for it, and returns one result per argument, in order.
-_Op = Callable[[sqlite3.Connection, list[Any]], list[Any]]
-_Item = tuple[_Op, Any, "asyncio.Future[Any]"]
-_Result = tuple[Any, BaseException | None]
+_Op = Callable[[sqlite3.Connection, list[Any]], Awaitable[list[Any]]]
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -52,19 +51,11 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-def _in_transaction(
+async def _each(
     conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]
 ) -> list[Any]:
-    """The plain writes queued together, in one transaction."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        values = [fn(conn) for fn in fns]
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return values
+    """Plain writes (a job created, a claim, ...), one after the other."""
+    return [fn(conn) for fn in fns]
 
 
 class _Checkpointer:
@@ -117,109 +108,98 @@ class _Checkpointer:
                 conn.close()
 
 
-class _Writer:
-    """The one writer: a thread with its own connection. `submit(op, arg)` queues a write;
-    each caller hears back once its write has committed.
+class _Rows:
+    """The writer's connection as recording uses it: a batch's rows bound as `VALUES` lists."""
 
-    Every request queued meanwhile for the same operation runs as one call,
-    `op(conn, [arg, ...])`, which commits them together (so they share an fsync; recording
-    commits once more per prediction that comes again in the batch) and returns one result
-    per argument. The thread takes the next batch as soon as one is done, without waiting for
-    the event loop, and SQLite releases the GIL while it works and while it waits for the
-    disk: the loop answers one batch while the next is being written.
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    async def run(self, statement: Statement, rows: Sequence[Row]) -> list[Row]:
+        found: list[Row] = []
+        for piece in _pieces(rows):
+            params = [value for row in piece for value in row]
+            found += self._conn.execute(statement.sqlite(len(piece)), params).fetchall()
+        return found
+
+
+# A statement takes at most FILL_ROWS rows and FILL_BYTES of bodies (or one larger body alone),
+# in pieces of 1, 2, 4, ... rows: a few statement shapes in the connection's cache, each keeping
+# the values last bound to it (SQLite copies them), so what stays in memory is bounded too.
+FILL_ROWS = 64
+FILL_BYTES = 1024 * 1024
+
+
+def _pieces(rows: Sequence[Row]) -> Iterator[Sequence[Row]]:
+    def size(piece: Sequence[Row]) -> int:
+        return sum(len(v) for row in piece for v in row if isinstance(v, bytes))
+
+    start = 0
+    while start < len(rows):
+        take = 1
+        while (
+            take * 2 <= min(FILL_ROWS, len(rows) - start)
+            and size(rows[start : start + take * 2]) <= FILL_BYTES
+        ):
+            take *= 2
+        yield rows[start : start + take]
+        start += take
+
+
+class _Writer:
+    """The one writer: a connection written to on the event loop, batch by batch (group
+    commit), with each batch's COMMIT (the disk flush) in a thread of its own, so the loop
+    serves requests while the disk works.
+
+    A write is an operation and an argument; the operations queued together run in one
+    transaction, consecutive requests of one operation as one call (`op(conn, [arg, ...])`,
+    one result per argument). If the transaction fails, each request is run again alone, so
+    only the one at fault fails.
     """
 
-    def __init__(self, path: str, setup: Sequence[str] = ()) -> None:
+    def __init__(self, path: str) -> None:
         self._path = path
-        self._setup = setup
-        self._queue: collections.deque[_Item] = collections.deque()
-        self._wake = threading.Event()
-        self._closing = False
-        self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._commits: ThreadPoolExecutor | None = None
         self._checkpointer = _Checkpointer(path)
+        self._group: GroupCommit[tuple[_Op, Any], Any] = GroupCommit(self._write)
 
     def start(self) -> None:
-        self._closing = False  # a store can be opened again after close()
         self._conn = _connect(self._path)
         self._conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's job
-        for statement in self._setup:
-            self._conn.execute(statement)
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
-        self._thread.start()
+        self._commits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-commit")
         self._checkpointer.start()
 
-    async def submit(self, op: Callable[[sqlite3.Connection, list[A]], list[T]], arg: A) -> T:
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append((op, arg, fut))
-        if not self._wake.is_set():  # the writer clears it before it takes what is queued
-            self._wake.set()
-        return await fut
+    async def submit(self, op: _Op, arg: Any) -> Any:
+        return await self._group.submit((op, arg))
 
     async def stop(self) -> None:
-        if self._thread is not None:
-            self._closing = True  # the writer commits what is queued, then returns
-            self._wake.set()
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
-        while self._queue:  # queued after the writer's last look: never written
-            _, _, fut = self._queue.popleft()
-            if not fut.done():
-                fut.set_exception(StoreUnavailable("the store is closed"))
+        await self._group.close()
         await asyncio.to_thread(self._checkpointer.stop)
+        if self._commits is not None:
+            self._commits.shutdown(wait=True)
+            self._commits = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
 
-    def _run(self) -> None:
-        """The writer's thread."""
-        assert self._loop is not None
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            batch: list[_Item] = []
-            while self._queue and len(batch) < _MAX_BATCH:
-                batch.append(self._queue.popleft())
-            if self._queue or self._closing:  # stop() may have been cleared above
-                self._wake.set()
-            if not batch:
-                if self._closing:
-                    return
-                continue
-            results = self._write(batch)
-            self._checkpointer.written()
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
-                self._loop.call_soon_threadsafe(_settle, batch, results)
-
-    def _write(self, batch: list[_Item]) -> list[_Result]:
-        """In the writer's thread: one call per operation."""
-        results: list[_Result] = []
-        for op, items in itertools.groupby(batch, key=lambda item: item[0]):
-            results += self._call(op, [arg for _, arg, _ in items])
-        return results
-
-    def _call(self, op: _Op, args: list[Any]) -> list[_Result]:
-        conn = self._conn
-        assert conn is not None
+    async def _write(self, batch: list[tuple[_Op, Any]]) -> list[Any]:
+        conn, commits = self._conn, self._commits
+        if conn is None or commits is None:
+            return [StoreUnavailable("the store is closed")] * len(batch)
         try:
-            return [(value, None) for value in op(conn, args)]
+            conn.execute("BEGIN IMMEDIATE")
+            results: list[Any] = []
+            for op, items in itertools.groupby(batch, key=lambda item: item[0]):
+                results += await op(conn, [arg for _, arg in items])
+            await asyncio.get_running_loop().run_in_executor(commits, conn.execute, "COMMIT")
         except Exception as exc:
-            if len(args) == 1:
-                return [(None, _wrap(exc))]
-        # One request failed and took the others down with it: redo each alone, so only it fails.
-        return [self._call(op, [arg])[0] for arg in args]
-
-
-def _settle(batch: list[_Item], results: list[_Result]) -> None:
-    for (_, _, fut), (value, err) in zip(batch, results, strict=True):
-        if fut.done():
-            continue
-        if err is not None:
-            fut.set_exception(err)
-        else:
-            fut.set_result(value)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if len(batch) == 1:
+                return [_wrap(exc)]
+            return [(await self._write([item]))[0] for item in batch]
+        self._checkpointer.written()
+        return results
 
 
 def _wrap(exc: Exception) -> Exception:
@@ -244,8 +224,9 @@ class SqliteStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.routes = tuple(routes)
         self._work = asyncio.Event()
-        self._writer = _Writer(self.path, setup=sql.RECORDER)
+        self._writer = _Writer(self.path)
         self._reader: sqlite3.Connection | None = None
+        self._lookups: sqlite3.Connection | None = None  # quick reads, on the event loop
         self._reads: ThreadPoolExecutor | None = None
         self._started = False
 
@@ -262,6 +243,7 @@ class SqliteStore:
             try:
                 self._writer.start()
                 self._reader = _connect(self.path)
+                self._lookups = _connect(self.path)
                 self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-reader")
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
@@ -269,7 +251,8 @@ class SqliteStore:
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         self._start()
-        return await self._writer.submit(_in_transaction, fn)
+        result: T = await self._writer.submit(_each, fn)
+        return result
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         self._start()
@@ -287,8 +270,10 @@ class SqliteStore:
     async def close(self) -> None:
         if self._started:
             await self._writer.stop()
-            if self._reader is not None:
-                self._reader.close()
+            for conn in (self._reader, self._lookups):
+                if conn is not None:
+                    conn.close()
+            self._reader = self._lookups = None
             self._started = False
         if self._reads is not None:
             self._reads.shutdown(wait=False)
@@ -337,13 +322,25 @@ class SqliteStore:
 
     # -- events ------------------------------------------------------------------------------
 
+    async def find_job(self, token_hash: str) -> str | None:
+        # One indexed read, on the event loop: a thread hop would cost more than the read.
+        self._start()
+        assert self._lookups is not None
+        try:
+            row = self._lookups.execute(sql.JOB_BY_TOKEN, (token_hash,)).fetchone()
+        except sqlite3.Error as exc:
+            raise _wrap(exc) from exc
+        return None if row is None else str(row[0])
+
     async def record(self, incoming: Incoming) -> RecordResult:
         self._start()
-        found = await self._writer.submit(sql.record, sql.prepare(incoming, self.routes))
-        result = sql.outcome(incoming, found)
+        result: RecordResult = await self._writer.submit(self._record, incoming)
         if result.sinks:
             self._work.set()  # wake the dispatcher: new deliveries are due now
         return result
+
+    async def _record(self, conn: sqlite3.Connection, batch: list[Incoming]) -> list[Any]:
+        return await recording.record(_Rows(conn), batch, self.routes)
 
     async def get_event(self, event_id: str) -> Event | None:
         return await self._read(lambda c: sql.get_event(c, event_id))

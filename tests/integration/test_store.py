@@ -597,92 +597,100 @@ async def test_claimed_events_carry_the_recorded_times_exactly(store: Store) -> 
     assert {c.event.envelope() for c in claimed} == {recorded.envelope()}
 
 
-async def test_sqlite_large_batches_are_recorded_in_pieces_and_rounds(
+async def test_sqlite_large_batches_are_written_in_pieces(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SQLite: a batch larger than one INSERT takes is written in pieces, and several states of
-    one prediction in one batch are recorded in rounds, each callback exactly as it came."""
-    from receiver.store import sql
+    """SQLite: a batch larger than one statement takes is written in pieces, each callback
+    exactly as it came."""
+    from receiver.store import sqlite
 
-    monkeypatch.setattr(sql, "FILL_ROWS", 5)
-    pieces: list[int] = []
-    fill = sql._fill
-    monkeypatch.setattr(sql, "_fill", lambda rows: pieces.append(rows) or fill(rows))
+    monkeypatch.setattr(sqlite, "FILL_ROWS", 4)
     store = open_store(f"sqlite:///{tmp_path / 'receiver.db'}", ROUTES)
     await store.migrate()
     try:
-        tokens = [(await new_job(store))[1] for _ in range(12)]
+        tokens = [(await new_job(store))[1] for _ in range(13)]
         incoming = [callback(t, f"pred_{i}", "completed") for i, t in enumerate(tokens)]
         incoming.append(callback(tokens[0], "pred_0", "running", at=T0 + 1))
         results = await asyncio.gather(*(store.record(i) for i in incoming))
-        assert [r.outcome for r in results] == [Outcome.RECORDED] * 12 + [Outcome.STALE]
-        assert max(pieces) == 5 and sum(pieces) == len(incoming)
-        for result, sent in zip(results[:12], incoming[:12], strict=True):
+        assert [r.outcome for r in results] == [Outcome.RECORDED] * 13 + [Outcome.STALE]
+        for result, sent in zip(results[:13], incoming[:13], strict=True):
             assert result.event_id is not None
             event = await store.get_event(result.event_id)
             assert event is not None and event.body == sent.body
             assert event.prediction_id == sent.prediction_id
+        assert len(await all_deliveries(store)) == 13 * len(ROUTES)
     finally:
         await store.close()
 
 
-async def test_sqlite_a_job_recorded_in_one_batch_ends_as_if_its_states_came_one_by_one(
-    tmp_path: Path,
-) -> None:
-    """SQLite: several states of one job in one group commit (a prediction repeated, a second
-    prediction): the job ends in the first of its highest statuses, at that state's time, and
-    takes its prediction id from the first state that moved it."""
-    store = open_store(f"sqlite:///{tmp_path / 'receiver.db'}", ROUTES)
-    await store.migrate()
-    try:
-        job, token = await new_job(store)
-        batch = [
-            callback(token, "pred_a", "running", at=T0 + 1),
-            callback(token, "pred_a", "completed", at=T0 + 2),
-            callback(token, "pred_b", "failed", at=T0 + 3),
-        ]
-        results = await asyncio.gather(*(store.record(i) for i in batch))
-        assert [r.outcome for r in results] == [Outcome.RECORDED] * 3
-        found = await store.get_job(job.id)
-        assert found is not None
-        ended = found[0]
-        assert (ended.status, ended.completed_at, ended.prediction_id) == (
-            "completed",
-            T0 + 2,
-            "pred_a",
-        )
-    finally:
-        await store.close()
+async def test_a_burst_of_one_predictions_states_is_judged_as_if_one_by_one(store: Store) -> None:
+    """A prediction's pending, running and completed callbacks arriving together (with a
+    retry of each and a late running) are recorded once each, in order; the job ends completed."""
+    job, token = await new_job(store, next_poll_at=T0 + 600)
+    burst = [
+        callback(token, "pred_1", "pending", at=T0 + 1),
+        callback(token, "pred_1", "running", at=T0 + 2),
+        callback(token, "pred_1", "pending", at=T0 + 2.5),  # a retry, now behind
+        callback(token, "pred_1", "completed", at=T0 + 3),
+        callback(token, "pred_1", "completed", at=T0 + 4),  # a retry
+        callback(token, "pred_1", "running", at=T0 + 5),  # late
+    ]
+    results = await asyncio.gather(*(store.record(i) for i in burst))
+    assert [r.outcome for r in results] == [
+        Outcome.RECORDED,
+        Outcome.RECORDED,
+        Outcome.STALE,
+        Outcome.RECORDED,
+        Outcome.DUPLICATE,
+        Outcome.STALE,
+    ]
+    assert {r.job_id for r in results} == {job.id}
+    found = await store.get_job(job.id)
+    assert found is not None
+    ended, events = found
+    assert [e.status for e in events] == ["pending", "running", "completed"]
+    assert (ended.status, ended.completed_at, ended.next_poll_at) == ("completed", T0 + 3, None)
+    assert ended.prediction_id == "pred_1"
+    sinks = {s for r in results for s in r.sinks}
+    assert len(await all_deliveries(store)) == sum(len(r.sinks) for r in results) > len(sinks)
+    # And once committed, each of them again is a duplicate or stale, never a new event.
+    again = await asyncio.gather(*(store.record(i) for i in burst))
+    assert {r.outcome for r in again} == {Outcome.DUPLICATE, Outcome.STALE}
 
 
-async def test_sqlite_a_batch_written_again_after_its_commit_answers_recorded(
-    tmp_path: Path,
-) -> None:
-    """SQLite: if the writer runs a batch again after it committed (its read-back failed),
-    each callback still answers "recorded" with its event, and nothing is written twice."""
-    import sqlite3
-
-    from receiver.store import sql
-
-    path = tmp_path / "receiver.db"
-    store = open_store(f"sqlite:///{path}", ROUTES)
-    await store.migrate()
-    tokens = [(await new_job(store))[1] for _ in range(3)]
-    await store.close()
-    conn = sqlite3.connect(path, isolation_level=None)
-    for statement in sql.RECORDER:
-        conn.execute(statement)
-    incoming = [callback(t, f"pred_{i}", "completed") for i, t in enumerate(tokens)]
-    batch = [sql.prepare(i, ROUTES) for i in incoming]
-    first, again = (
-        [sql.outcome(i, f) for i, f in zip(incoming, sql.record(conn, batch), strict=True)]
-        for _ in range(2)
+async def test_a_burst_of_two_predictions_of_one_job_ends_as_if_one_by_one(store: Store) -> None:
+    """Two predictions of one job in one batch: the job ends in the first of its highest
+    statuses, at that state's time, and takes its prediction id from the first state that
+    moved it."""
+    job, token = await new_job(store)
+    batch = [
+        callback(token, "pred_a", "running", at=T0 + 1),
+        callback(token, "pred_a", "completed", at=T0 + 2),
+        callback(token, "pred_b", "failed", at=T0 + 3),
+        callback(token, "pred_b", "running", at=T0 + 4),  # behind pred_b's failed
+    ]
+    results = await asyncio.gather(*(store.record(i) for i in batch))
+    assert [r.outcome for r in results] == [Outcome.RECORDED] * 3 + [Outcome.STALE]
+    found = await store.get_job(job.id)
+    assert found is not None
+    ended = found[0]
+    assert (ended.status, ended.completed_at, ended.prediction_id) == (
+        "completed",
+        T0 + 2,
+        "pred_a",
     )
-    assert [r.outcome for r in again] == [Outcome.RECORDED] * 3
-    assert [r.event_id for r in again] == [r.event_id for r in first] == [p[0] for p in batch]
-    assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (3,)
-    assert conn.execute("SELECT COUNT(*) FROM deliveries").fetchone() == (3 * len(ROUTES),)
-    conn.close()
+    assert sorted((e.prediction_id, e.status) for e in found[1]) == [
+        ("pred_a", "completed"),
+        ("pred_a", "running"),
+        ("pred_b", "failed"),
+    ]
+
+
+async def test_find_job_knows_a_token_only_by_its_hash(store: Store) -> None:
+    """A callback token's hash names its job; any other hash names none."""
+    job, token = await new_job(store)
+    assert await store.find_job(token) == job.id
+    assert await store.find_job(hash_token("forged")) is None
 
 
 async def test_close_answers_every_write_in_flight_and_the_store_opens_again(
