@@ -29,10 +29,10 @@ from receiver.logs import redact_path
 from receiver.metrics import Metrics
 from receiver.models import new_id
 from receiver.outbox import Dispatcher, RetryPolicy
-from receiver.proxy import ProxyHeaders, host_matcher, mount
+from receiver.proxy import ProxyHeaders, mount
 from receiver.reconcile import Reconciler
 from receiver.routes import JSON, BadRequest, Services, deliveries, error, jobs, ops
-from receiver.routes.callbacks import CallbackEndpoint, callback_token
+from receiver.routes.callbacks import CallbackEndpoint
 from receiver.routes.openapi import openapi
 from receiver.sinks import open_sink
 from receiver.store import Store, open_store
@@ -127,29 +127,17 @@ async def _store_failed(request: Request, exc: Exception) -> Response:
     return error(503, "store unavailable, retry later")
 
 
-class ReceiverApp(Starlette):
-    """Starlette, with callbacks dispatched straight to their endpoint (see routes.callbacks),
-    and the path prefix (`RECEIVER_ROOT_PATH`) applied whether or not the proxy stripped it."""
+class RootPath:
+    """Serves the app under `RECEIVER_ROOT_PATH` whether or not the proxy stripped it."""
 
-    callbacks: CallbackEndpoint | None = None
-    prefix: str = ""
-    host_allowed: Callable[[Scope], bool] | None = None
+    def __init__(self, app: ASGIApp, prefix: str) -> None:
+        self.app = app
+        self.prefix = prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            if self.prefix:
-                mount(scope, self.prefix)
-            if (
-                self.callbacks is not None
-                and scope["method"] == "POST"
-                and callback_token(scope) is not None
-                and (self.host_allowed is None or self.host_allowed(scope))
-            ):
-                await self.callbacks(scope, receive, send)
-                return
-        elif scope["type"] == "websocket" and self.prefix:
+        if scope["type"] in ("http", "websocket"):
             mount(scope, self.prefix)
-        await super().__call__(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def create_app(
@@ -259,7 +247,6 @@ def create_app(
                 # uvicorn re-raises SIGTERM once it has shut down: atexit may never run.
                 logs.flush()
 
-    callback_endpoint = CallbackEndpoint(svc)
     routes = [
         Route("/healthz", ops.healthz),
         Route("/readyz", ops.readyz),
@@ -270,19 +257,19 @@ def create_app(
             Route("/openapi.json", openapi),
             *jobs.routes,
             *deliveries.routes,
-            # Callbacks normally never get here (ReceiverApp sends them straight to the endpoint);
-            # this route answers other methods with 405 and `Allow: POST`.
-            Route("/callbacks/vlmrun/{token}", callback_endpoint, methods=["POST"]),
+            Route("/callbacks/vlmrun/{token}", CallbackEndpoint(svc), methods=["POST"]),
         ]
     restrict_hosts = "*" not in settings.allowed_hosts
     # Client address and scheme come from X-Forwarded-*/Forwarded only from a trusted proxy.
-    middleware = [
+    prefix = settings.root_path.rstrip("/")
+    middleware = [Middleware(RootPath, prefix=prefix)] if prefix else []
+    middleware += [
         Middleware(ProxyHeaders, trusted_hosts=settings.trusted_proxies),
         Middleware(RequestContext),
     ]
     if restrict_hosts:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts))
-    app = ReceiverApp(
+    app = Starlette(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
@@ -292,9 +279,6 @@ def create_app(
             HTTPException: _http_error,
         },
     )
-    app.callbacks = None if ops_only else callback_endpoint
-    app.prefix = settings.root_path.rstrip("/")
-    app.host_allowed = host_matcher(settings.allowed_hosts) if restrict_hosts else None
     app.state.services = svc
     app.state.dispatcher = dispatcher
     return app

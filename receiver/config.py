@@ -71,6 +71,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Largest callback body accepted (bytes); larger ones get 413 unread.",
     )
+    max_inflight_bytes: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="Callback bodies being read or recorded at once, in bytes, across all "
+        "requests; past it a callback gets 503 (VLM Run retries). Bounds the memory many large "
+        "bodies held open can take; keep it at least `RECEIVER_MAX_BODY_BYTES`.",
+    )
     max_upload_bytes: int = Field(
         512 * 1024 * 1024, gt=0, description="Largest file accepted by `POST /v1/jobs` multipart."
     )

@@ -219,7 +219,7 @@ def test_no_secret_or_token_in_any_log_line_and_requests_share_their_id(
     of_forged = [
         line["event"] for line in service_lines if line.get("request_id") == "logs-forged-1"
     ]
-    assert of_forged == ["callback.rejected"]
+    assert of_forged == ["callback.rejected", "http.request"]
     recorded = [line for line in service_lines if line["event"] == "callback.recorded"]
     assert len(recorded) == 3
     assert all(line["request_id"].startswith("req_") and line["job_id"] for line in recorded)
