@@ -201,6 +201,9 @@ def simulate(
     duplicate_rate: Annotated[float, typer.Option(help="Fraction of callbacks sent twice.")] = 0.0,
     drop_rate: Annotated[float, typer.Option(help="Fraction of callbacks never sent.")] = 0.0,
     intermediate: Annotated[bool, typer.Option(help="Also call back with `running`.")] = False,
+    signature_header: Annotated[
+        str, typer.Option(help="Header that carries the callback signature.")
+    ] = "X-VLMRun-Signature",
     delay: Annotated[float, typer.Option(help="Seconds per job step.")] = 0.2,
 ) -> None:
     """Serve a stand-in for the VLM Run API (files, generate, predictions, callbacks)."""
@@ -216,6 +219,7 @@ def simulate(
         duplicate_rate=duplicate_rate,
         drop_rate=drop_rate,
         intermediate=intermediate,
+        signature_header=signature_header,
         delay=delay,
     )
     signal.signal(signal.SIGTERM, _exit_cleanly)  # as in `serve`: exit 0, logs flushed

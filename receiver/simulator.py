@@ -1,20 +1,29 @@
 """The bundled VLM Run API simulator (`receiver simulate`).
 
-It stands in for `https://api.vlm.run/v1` in tests, demos and benchmarks. It accepts uploads and
-`/<kind>/generate` jobs, moves each job pending -> running -> completed|failed in a background
-task, and POSTs the prediction to `callback_url` as the real API does: signed with
-`X-VLMRun-Signature`, 2 attempts in all, a timeout per request, a backoff sleep before the retry.
-It can fail, duplicate or drop callbacks on purpose, and a `simulate.error-<code>` domain forces
-that error at submission. State lives in memory on `app.state`; nothing is persisted.
+It stands in for `https://api.vlm.run/v1` in tests, demos and benchmarks, and answers as the
+official SDK (`vlmrun`) expects: every body validates as the SDK's own types (tests hold it to
+them). Files: direct uploads up to 32 MiB, the presigned flow for larger ones, lookup by MD5.
+`/<kind>/generate` with `batch=false` answers the finished prediction; with `batch=true` it answers
+`pending`, moves the job pending -> running -> completed|failed in a background task, and POSTs
+the prediction to `callback_url` as the real API does: signed (`X-VLMRun-Signature`, or the
+`X-VLM-Signature` some SDK versions name), 2 attempts in all, a timeout per request, a backoff
+sleep before the retry. It can fail, duplicate or drop callbacks on purpose, and a
+`simulate.error-<code>` domain forces that error at submission. State lives in memory on
+`app.state`; nothing is persisted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import hmac
+import importlib.resources
+import mimetypes
 import random
 import re
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -59,40 +68,30 @@ _ERRORS = {  # status -> (error type, message), as the real API words them
     500: ("server_error", "Internal server error."),
     504: ("timeout_error", "Gateway timeout: the request took too long."),
 }
-_SEGMENTS = [
-    {"start_time": 0.0, "end_time": 4.2, "content": "Welcome to the quarterly review."},
-    {"start_time": 4.2, "end_time": 9.8, "content": "Let us start with the numbers."},
-]
-_SAMPLES: dict[str, Json] = {  # a plausible `response` per domain name (after the dot)
-    "invoice": {
-        "invoice_id": "INV-2024-0042",
-        "invoice_issue_date": "2024-05-02",
-        "issuer_name": "Acme Consulting GmbH",
-        "customer_name": "Globex Corp.",
-        "items": [
-            {"description": "Consulting", "quantity": 10, "unit_price": 120, "total_price": 1200},
-            {"description": "Travel", "quantity": 1, "unit_price": 85.5, "total_price": 85.5},
-        ],
-        "subtotal": 1285.5,
-        "tax": 244.25,
-        "total_amount": 1529.75,
-        "currency": "EUR",
-    },
-    "receipt": {
-        "merchant": "Corner Cafe",
-        "date": "2024-05-02",
-        "items": [{"name": "Cappuccino", "quantity": 2, "price": 7.0}],
-        "total": 7.0,
-        "currency": "USD",
-    },
-    "markdown": {"markdown": "# Quarterly report\n\n## Summary\n\nRevenue grew 12%.\n"},
-    "resume": {
-        "contact_info": {"full_name": "Jane Doe", "email": "jane.doe@example.com"},
-        "skills": ["Python", "PostgreSQL"],
-        "work_experience": [{"company": "Initech", "title": "Senior Engineer"}],
-        "education": [{"institution": "TU Berlin", "degree": "MSc Computer Science"}],
-    },
-    "transcription": {"metadata": {"duration": 9.8, "language": "en"}, "segments": _SEGMENTS},
+DIRECT_UPLOAD_MAX = 32 * 1024 * 1024  # the SDK switches to the presigned flow above this
+MULTIPART_SLACK = 64 * 1024  # room for the multipart framing around a file at the limit
+PURPOSES = (  # the SDK's FileResponse.purpose
+    "fine-tune",
+    "assistants",
+    "assistants_output",
+    "batch",
+    "batch_output",
+    "vision",
+    "datasets",
+)
+# Completed responses: three per domain, each a valid instance of the domain's vlmrun-hub
+# schema (held to it by tests/unit/test_samples.py), so the simulator needs no hub at run time;
+# "generic" stands in for domains the hub lacks.
+SAMPLES: dict[str, list[Json]] = orjson.loads(
+    (importlib.resources.files("receiver") / "samples.json").read_bytes()
+)
+_NO_USAGE: Json = {  # the SDK's CreditUsage, as the API sends it before there is any
+    "elements_processed": None,
+    "element_type": None,
+    "credits_used": None,
+    "steps": None,
+    "message": None,
+    "duration_seconds": 0,
 }
 
 
@@ -101,7 +100,8 @@ class SimulatorOptions:
     """How the simulator behaves; the rates are fractions of jobs (0.0 .. 1.0)."""
 
     api_key: str | None = None  # None: any non-empty bearer is accepted
-    webhook_secret: str | None = None  # set: callbacks carry X-VLMRun-Signature
+    webhook_secret: str | None = None  # set: callbacks carry a signature header
+    signature_header: str = "X-VLMRun-Signature"  # or "X-VLM-Signature", as some SDKs name it
     fail_rate: float = 0.0
     duplicate_rate: float = 0.0  # every callback of such a job is POSTed twice, same bytes
     drop_rate: float = 0.0  # the job completes but never calls back
@@ -135,6 +135,11 @@ def _error(status: int, msg: str, type_: str, headers: dict[str, str] | None = N
     return _json(body, status, headers)
 
 
+def _too_large() -> Response:
+    msg = f"File over {DIRECT_UPLOAD_MAX} bytes: upload it through /v1/files/presigned-url."
+    return _error(413, msg, "invalid_request_error")
+
+
 def _issue(loc: tuple[str, ...], msg: str, type_: str, value: Any = None) -> Json:
     return {"type": type_, "loc": list(loc), "msg": msg, "input": value}
 
@@ -147,8 +152,24 @@ def _domain(value: Any) -> bool:
     return _text(value) and bool(_DOMAIN.match(value))
 
 
-def _texts(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(map(_text, value))
+def _image(value: Any) -> bool:
+    """An `images` entry: a base64 data URL of an image, or an http(s) URL."""
+    if not isinstance(value, str):
+        return False
+    if not value.startswith("data:"):
+        return _http_url(value)
+    head, _, data = value.partition(",")
+    if not (head.startswith("data:image/") and head.endswith(";base64") and data):
+        return False
+    try:
+        base64.b64decode(data, validate=True)
+    except binascii.Error:
+        return False
+    return True
+
+
+def _images(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(map(_image, value))
 
 
 def _http_url(value: Any) -> bool:
@@ -164,12 +185,19 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str, str]] = {  # field -> check
     "file_id": (_text, "Input should be a non-empty string", "string_type"),
     "url": (_text, "Input should be a non-empty string", "string_type"),
     "model": (_text, "Input should be a non-empty string", "string_type"),
-    "images": (_texts, "Input should be a non-empty list of strings", "list_type"),
+    "images": (
+        _images,
+        "Input should be a non-empty list of base64 image data URLs or http(s) URLs",
+        "list_type",
+    ),
     "callback_url": (_http_url, "Input should be an http(s) URL", "url_parsing"),
     "batch": (lambda v: isinstance(v, bool), "Input should be a valid boolean", "bool_type"),
     "config": (lambda v: isinstance(v, dict), "Input should be a valid dictionary", "dict_type"),
     "metadata": (lambda v: isinstance(v, dict), "Input should be a valid dictionary", "dict_type"),
 }
+# What each endpoint takes as its input: `/image/generate` has only `images` (the SDK sends an
+# uploaded image's file_id through `/document/generate` instead).
+_SOURCES = {"image": ("images",), "document": ("file_id", "url")}
 
 
 def _validate(kind: str, body: Any) -> list[Json]:
@@ -183,19 +211,53 @@ def _validate(kind: str, body: Any) -> list[Json]:
     ]
     if body.get("domain") is None:
         issues.append(_issue(("body", "domain"), "Field required", "missing", body))
-    sources = ("file_id", "url", "images") if kind == "image" else ("file_id", "url")
-    if not any(body.get(name) for name in sources):
-        issues.append(_issue(("body",), f"Provide one of {', '.join(sources)}", "value_error"))
+    sources = _SOURCES.get(kind, _SOURCES["document"])
+    for name in {"file_id", "url", "images"} - set(sources):
+        if body.get(name) is not None:
+            msg = f"Extra inputs are not permitted on /{kind}/generate (send {sources[0]})"
+            issues.append(_issue(("body", name), msg, "extra_forbidden", body[name]))
+    given = [name for name in sources if body.get(name)]
+    if len(given) != 1:
+        msg = f"Provide exactly one of {', '.join(sources)}"
+        issues.append(_issue(("body",), msg, "missing" if not given else "value_error"))
     return issues
 
 
-def _fake_response(domain: str, kind: str) -> Any:
-    name = domain.split(".", 1)[1]
-    if name in _SAMPLES:
-        return _SAMPLES[name]
-    if kind in ("audio", "video"):
-        return _SAMPLES["transcription"]
-    return {"domain": domain, "content": f"Simulated {kind} result.", "confidence": 0.93}
+def _usage(kind: str) -> Json:
+    """What a finished job cost, in the SDK's CreditUsage shape."""
+    elements = 2 if kind == "document" else 1
+    credits = elements * (1 if kind in ("document", "image") else 5)
+    return _NO_USAGE | {
+        "elements_processed": elements,
+        "element_type": ELEMENT_TYPES[kind],
+        "credits_used": credits,
+        "steps": 1,
+        "duration_seconds": 2 * elements,
+    }
+
+
+def _page(request: Request) -> tuple[int, int] | list[Json]:
+    """`skip` and `limit` from the query (limit 1..1000), or the validation issues."""
+    values, issues = {}, []
+    for name, default, low, high in (("skip", 0, 0, 2**31), ("limit", 10, 1, 1000)):
+        raw = request.query_params.get(name, str(default))
+        try:
+            values[name] = int(raw)
+        except ValueError:
+            issues.append(_issue(("query", name), "Should be an integer", "int_parsing", raw))
+            continue
+        if not low <= values[name] <= high:
+            msg = f"Input should be between {low} and {high}"
+            issues.append(_issue(("query", name), msg, "value_error", raw))
+    return issues or (values["skip"], values["limit"])
+
+
+def _newest_first(records: dict[str, Json], request: Request) -> Response:
+    page = _page(request)
+    if isinstance(page, list):
+        return _json({"detail": page}, 422)
+    skip, limit = page
+    return _json(list(reversed(records.values()))[skip:][:limit])
 
 
 class _Simulator:
@@ -207,6 +269,8 @@ class _Simulator:
         self.owns_client = False
         self.rng = random.Random(options.seed)
         self.files: dict[str, Json] = {}
+        self.by_md5: dict[str, str] = {}  # content MD5 -> file id
+        self.presigned: dict[str, Json] = {}  # file id -> its presigned upload, until verified
         self.predictions: dict[str, Json] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.stats = dict.fromkeys(STATS, 0)
@@ -227,19 +291,119 @@ class _Simulator:
 
         return guarded
 
+    def add_file(self, file_id: str, filename: str, size: int, purpose: str, md5: str) -> Json:
+        self.files[file_id] = {
+            "id": file_id,
+            "filename": filename,
+            "bytes": size,
+            "purpose": purpose,
+            "created_at": _now(),
+            "object": "file",
+            "public_url": None,
+        }
+        self.by_md5[md5] = file_id
+        log.info("simulator.file.uploaded", file_id=file_id, bytes=size)
+        return self.files[file_id]
+
     async def upload(self, request: Request) -> Response:
-        async with request.form() as form:
+        """`POST /files?purpose=`: a direct multipart upload, up to DIRECT_UPLOAD_MAX bytes.
+
+        The SDK never sends a larger one (it takes the presigned flow); a proxy in front of the
+        real API refuses it, so this answers 413 too."""
+        purpose = request.query_params.get("purpose", "assistants")
+        if purpose not in PURPOSES:
+            issue = _issue(("query", "purpose"), f"Input should be one of {PURPOSES}", "enum")
+            return _json({"detail": [issue]}, 422)
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > DIRECT_UPLOAD_MAX + MULTIPART_SLACK:
+            return _too_large()
+        async with request.form(max_files=1) as form:
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
                 issue = _issue(("body", "file"), "Field required", "missing")
                 return _json({"detail": [issue]}, 422)
-            file_id, size = str(uuid.uuid4()), upload.size or 0
-            name = upload.filename or "upload"
-        purpose = request.query_params.get("purpose", "assistants")
-        record = {"id": file_id, "filename": name, "bytes": size, "purpose": purpose}
-        self.files[file_id] = record | {"created_at": _now(), "object": "file"}
-        log.info("simulator.file.uploaded", file_id=file_id, bytes=size)
-        return _json(self.files[file_id], 201)
+            if (upload.size or 0) > DIRECT_UPLOAD_MAX:
+                return _too_large()
+            md5 = hashlib.md5(usedforsecurity=False)
+            while chunk := await upload.read(1 << 20):
+                md5.update(chunk)
+            name, size = upload.filename or "upload", upload.size or 0
+        record = self.add_file(str(uuid.uuid4()), name, size, purpose, md5.hexdigest())
+        return _json(record, 201)
+
+    async def list_files(self, request: Request) -> Response:
+        return _newest_first(self.files, request)
+
+    async def get_file(self, request: Request) -> Response:
+        file_id = request.path_params["id"]
+        if file_id not in self.files:
+            return _error(404, f"File {file_id} not found.", "not_found_error")
+        return _json(self.files[file_id])
+
+    async def file_by_hash(self, request: Request) -> Response:
+        """`GET /files/hash/{md5}`: the SDK's "already uploaded?" check."""
+        file_id = self.by_md5.get(request.path_params["md5"].lower())
+        if file_id is None:
+            return _error(404, "No file with this hash.", "not_found_error")
+        return _json(self.files[file_id])
+
+    async def presigned_url(self, request: Request) -> Response:
+        """`POST /files/presigned-url`: where to PUT a large file (here: this app's /uploads)."""
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict) or not _text(body.get("filename")):
+            issue = _issue(("body", "filename"), "Field required", "missing", body)
+            return _json({"detail": [issue]}, 422)
+        purpose = body.get("purpose") or "assistants"
+        if purpose not in PURPOSES:
+            issue = _issue(("body", "purpose"), f"Input should be one of {PURPOSES}", "enum")
+            return _json({"detail": [issue]}, 422)
+        file_id, secret = str(uuid.uuid4()), secrets.token_urlsafe(16)
+        filename: str = body["filename"]
+        content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        url = str(request.url_for("presigned_put", id=file_id).include_query_params(sig=secret))
+        answer = {
+            "id": file_id,
+            "url": url,
+            "filename": filename,
+            "content_type": content_type,
+            "upload_method": "PUT",
+            "public_url": None,
+            "created_at": _now(),
+            "expiration": body.get("expiration") or 86400,
+            "method": "PUT",
+        }
+        self.presigned[file_id] = answer | {"purpose": purpose, "sig": secret}
+        return _json(answer)
+
+    async def presigned_put(self, request: Request) -> Response:
+        """`PUT <presigned url>`: storage, not the API; no bearer, the URL is the credential,
+        and as on S3 the Content-Type must be the one it was signed for."""
+        slot = self.presigned.get(request.path_params["id"])
+        sig = request.query_params.get("sig", "")
+        if slot is None or not hmac.compare_digest(sig.encode(), slot["sig"].encode()):
+            return Response("SignatureDoesNotMatch", 403, media_type="text/plain")
+        if request.headers.get("content-type") != slot["content_type"]:
+            return Response("SignatureDoesNotMatch: Content-Type", 403, media_type="text/plain")
+        md5, size = hashlib.md5(usedforsecurity=False), 0
+        async for chunk in request.stream():
+            md5.update(chunk)
+            size += len(chunk)
+        slot |= {"bytes": size, "md5": md5.hexdigest()}
+        return Response(status_code=200)
+
+    async def verify_upload(self, request: Request) -> Response:
+        """`GET /files/verify-upload/{id}`: the presigned upload becomes a file."""
+        file_id = request.path_params["id"]
+        slot = self.presigned.get(file_id)
+        if file_id in self.files:
+            return _json(self.files[file_id])
+        if slot is None or "md5" not in slot:
+            return _error(404, f"No upload found for file {file_id}.", "not_found_error")
+        name, size, purpose, md5 = (slot[k] for k in ("filename", "bytes", "purpose", "md5"))
+        return _json(self.add_file(file_id, name, size, purpose, md5))
 
     async def generate(self, request: Request) -> Response:
         kind = request.path_params["kind"]
@@ -263,13 +427,18 @@ class _Simulator:
         failed, dropped, duplicate = (self.rng.random() < rate for rate in rates)
         batch = body["batch"] if body.get("batch") is not None else kind != "image"
         pred: Json = {"id": f"pred_{uuid.uuid4().hex}", "created_at": _now()}
-        pred |= {"completed_at": None, "status": "pending", "response": None, "usage": None}
-        pred["domain"] = body["domain"]
+        pred |= {"completed_at": None, "status": "pending", "response": None}
+        pred |= {"usage": dict(_NO_USAGE), "domain": body["domain"]}
         callback_url = body.get("callback_url") if batch else None
+        job = _Job(pred, kind, callback_url, failed, dropped, duplicate)
         self.predictions[pred["id"]] = pred
         self.stats["jobs_created"] += 1
-        self.spawn(self.run(_Job(pred, kind, callback_url, failed, dropped, duplicate)))
         log.info("simulator.job.created", prediction_id=pred["id"], domain=pred["domain"])
+        if not batch:  # synchronous mode: the answer is the finished prediction
+            await asyncio.sleep(o.delay)
+            self.finish(job)
+        else:
+            self.spawn(self.run(job))
         return _json(pred, 201)
 
     async def get_prediction(self, request: Request) -> Response:
@@ -279,24 +448,30 @@ class _Simulator:
         return _json(self.predictions[pred_id])
 
     async def list_predictions(self, request: Request) -> Response:
-        values, issues = {}, []
-        for name, default, low, high in (("skip", 0, 0, 2**31), ("limit", 10, 1, 1000)):
-            raw = request.query_params.get(name, str(default))
-            try:
-                values[name] = int(raw)
-            except ValueError:
-                issues.append(_issue(("query", name), "Should be an integer", "int_parsing", raw))
-                continue
-            if not low <= values[name] <= high:
-                msg = f"Input should be between {low} and {high}"
-                issues.append(_issue(("query", name), msg, "value_error", raw))
-        if issues:
-            return _json({"detail": issues}, 422)
-        newest_first = list(reversed(self.predictions.values()))
-        return _json(newest_first[values["skip"] :][: values["limit"]])
+        return _newest_first(self.predictions, request)
 
     async def health(self, request: Request) -> Response:
         return _json({"status": "ok"})
+
+    def response_for(self, domain: str, kind: str) -> Any:
+        """One of the domain's samples; audio and video fall back to a transcript, and a domain
+        the hub lacks to a generic result."""
+        samples = SAMPLES.get(domain)
+        if samples is None:
+            samples = SAMPLES[f"{kind}.transcription" if kind in ("audio", "video") else "generic"]
+        return self.rng.choice(samples)
+
+    def finish(self, job: _Job) -> None:
+        """Complete or fail the job's prediction, as it will be read and called back."""
+        pred = job.prediction
+        pred["completed_at"] = _now()
+        if job.failed:
+            pred["status"] = "failed"
+            pred["error"] = "Simulated failure: the model could not process the input."
+        else:
+            pred["response"] = self.response_for(pred["domain"], job.kind)
+            pred.update(status="completed", usage=_usage(job.kind))
+        log.info("simulator.job.finished", prediction_id=pred["id"], status=pred["status"])
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -312,17 +487,7 @@ class _Simulator:
             if o.intermediate:
                 await self.callback(job, terminal=False)
             await asyncio.sleep(o.delay)
-            pred["completed_at"] = _now()
-            if job.failed:
-                pred["status"] = "failed"
-                pred["error"] = "Simulated failure: the model could not process the input."
-            else:
-                pages = 2 if job.kind == "document" else 1
-                usage = {"elements_processed": pages, "element_type": ELEMENT_TYPES[job.kind]}
-                usage["credits_used"] = pages * (1 if job.kind in ("document", "image") else 5)
-                pred["response"] = _fake_response(pred["domain"], job.kind)
-                pred.update(status="completed", usage=usage)
-            log.info("simulator.job.finished", prediction_id=pred["id"], status=pred["status"])
+            self.finish(job)
             await self.callback(job, terminal=True)
         except Exception:
             log.exception("simulator.job.crashed", prediction_id=pred["id"])
@@ -341,7 +506,7 @@ class _Simulator:
         headers = {"content-type": "application/json", "user-agent": "receiver-simulator"}
         if (secret := self.options.webhook_secret) is not None:
             digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-            headers["x-vlmrun-signature"] = f"sha256={digest}"
+            headers[self.options.signature_header.lower()] = f"sha256={digest}"
         for _ in range(2 if job.duplicate else 1):
             await self.deliver(job.callback_url, body, headers, prediction_id=pred_id, host=host)
         if job.duplicate:
@@ -406,6 +571,12 @@ def create_simulator_app(
 
     routes = [
         Route("/v1/files", sim.guard(sim.upload), methods=["POST"]),
+        Route("/v1/files", sim.guard(sim.list_files), methods=["GET"]),
+        Route("/v1/files/hash/{md5}", sim.guard(sim.file_by_hash), methods=["GET"]),
+        Route("/v1/files/presigned-url", sim.guard(sim.presigned_url), methods=["POST"]),
+        Route("/v1/files/verify-upload/{id}", sim.guard(sim.verify_upload), methods=["GET"]),
+        Route("/v1/files/{id}", sim.guard(sim.get_file), methods=["GET"]),
+        Route("/uploads/{id}", sim.presigned_put, methods=["PUT"], name="presigned_put"),
         Route("/v1/{kind}/generate", sim.guard(sim.generate), methods=["POST"]),
         Route("/v1/predictions", sim.guard(sim.list_predictions), methods=["GET"]),
         Route("/v1/predictions/{id}", sim.guard(sim.get_prediction), methods=["GET"]),

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import mimetypes
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import structlog
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
@@ -24,10 +27,12 @@ from receiver.models import (
     new_id,
 )
 from receiver.routes import JSON, BadRequest, Services, admin_refusal, error, int_param, services
+from receiver.vlmrun import GenerationConfig, RequestMetadata, generate_request
 
 log = structlog.get_logger("receiver.jobs")
 DOMAIN = re.compile(r"^[a-z0-9][a-z0-9_-]*\.[a-z0-9][a-z0-9_.-]*$")
 PAGE_MAX = 500
+Model = TypeVar("Model", bound=BaseModel)
 
 
 def _object(value: Any, name: str) -> dict[str, Any]:
@@ -41,6 +46,15 @@ def _object(value: Any, name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadRequest(f"`{name}` must be a JSON object", 422)
     return value
+
+
+def _model(model: type[Model], value: dict[str, Any], name: str) -> Model:
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in (name, *first["loc"]))
+        raise BadRequest(f"`{where}`: {first['msg']}", 422) from None
 
 
 def validate_submission(data: dict[str, Any], has_file: bool) -> dict[str, Any]:
@@ -61,33 +75,56 @@ def validate_submission(data: dict[str, Any], has_file: bool) -> dict[str, Any]:
         raise BadRequest("give exactly one of `url`, `file_id` or a `file` upload", 422)
     if data.get("url") and not str(data["url"]).startswith(("http://", "https://")):
         raise BadRequest("`url` must be an http(s) URL", 422)
+    config, metadata = (
+        _object(data.get("config"), "config"),
+        _object(data.get("metadata"), "metadata"),
+    )
+    _model(GenerationConfig, config, "config")
+    _model(RequestMetadata, metadata, "metadata")
     return {
         "kind": kind,
         "domain": domain,
         "url": data.get("url"),
         "file_id": data.get("file_id"),
-        "config": _object(data.get("config"), "config"),
-        "metadata": _object(data.get("metadata"), "metadata"),
-    }
-
-
-def generate_payload(svc: Services, sub: dict[str, Any], callback_url: str) -> dict[str, Any]:
-    metadata = {"allow_training": svc.settings.allow_training, **sub["metadata"]}
-    payload: dict[str, Any] = {
-        "domain": sub["domain"],
-        "model": "vlm-1",
-        "batch": True,
-        "callback_url": callback_url,
-        "config": sub["config"],
+        "config": config,
         "metadata": metadata,
     }
-    if sub["kind"] == "image" and sub["url"]:
-        payload["images"] = [sub["url"]]
+
+
+def generate_call(
+    svc: Services, sub: dict[str, Any], callback_url: str, image: str | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Which `/<kind>/generate` to call and its body. An image goes to `/image/generate` as
+    `images` (uploaded bytes as a data URL in `image`, or its URL); an image already uploaded
+    (`file_id`) goes through `/document/generate`, as the SDK's CLI sends it."""
+    kind = sub["kind"]
+    if kind == "image" and (image or sub["url"]):
+        source: dict[str, Any] = {"images": [image or sub["url"]]}
     elif sub["url"]:
-        payload["url"] = sub["url"]
+        source = {"url": sub["url"]}
     else:
-        payload["file_id"] = sub["file_id"]
-    return payload
+        source = {"file_id": sub["file_id"]}
+        kind = "document" if kind == "image" else kind
+    metadata = {"allow_training": svc.settings.allow_training, **sub["metadata"]}
+    body = generate_request(
+        sub["domain"],
+        source,
+        callback_url,
+        GenerationConfig.model_validate(sub["config"]),
+        RequestMetadata.model_validate(metadata),
+    )
+    return kind, body
+
+
+def _data_url(upload: UploadFile, content: bytes) -> str:
+    """An uploaded image as the `data:` URL `/image/generate` takes."""
+    name = upload.filename or ""
+    media = upload.content_type or ""
+    if not media.startswith("image/"):
+        media = mimetypes.guess_type(name)[0] or ""
+    if not media.startswith("image/"):
+        raise BadRequest("`kind` image needs an image file (image/* content type)", 422)
+    return f"data:{media};base64,{base64.b64encode(content).decode()}"
 
 
 def api_error_answer(exc: VlmRunError) -> tuple[int, str]:
@@ -129,12 +166,15 @@ async def create_job(request: Request) -> Response:
     svc = services(request)
     data, upload = await _read_submission(request, svc)
     sub = validate_submission(data, upload is not None)
-    if upload is not None:
-        content = await upload.read()
+    image: str | None = None
+    if upload is not None and sub["kind"] == "image":
+        image = _data_url(upload, await upload.read())
+        sub["filename"] = upload.filename
+    elif upload is not None:
         try:
             uploaded = await svc.vlmrun.upload(
                 upload.filename or "upload",
-                content,
+                upload.file,
                 upload.content_type or "application/octet-stream",
             )
         except VlmRunError as exc:
@@ -160,9 +200,7 @@ async def create_job(request: Request) -> Response:
     await svc.store.create_job(job, hash_token(token))
     callback_url = f"{svc.settings.callback_base}/callbacks/vlmrun/{token}"
     try:
-        prediction = await svc.vlmrun.generate(
-            sub["kind"], generate_payload(svc, sub, callback_url)
-        )
+        prediction = await svc.vlmrun.generate(*generate_call(svc, sub, callback_url, image))
     except VlmRunError as exc:
         answer, reason = api_error_answer(exc)
         # A refusal is final; a timeout or 5xx is ambiguous (the prediction may exist and call

@@ -20,6 +20,7 @@ from tests.acceptance.conftest import (
     free_port,
     signed,
     submit,
+    wait_for,
 )
 
 pytestmark = pytest.mark.acceptance
@@ -62,14 +63,6 @@ class ScriptedPredictions(FakeVlmRun):
         headers = [(b"content-type", b"application/json")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": orjson.dumps(answer)})
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return found
 
 
 def job_state(admin: httpx.Client, service: Process, job_id: str) -> dict[str, Any]:

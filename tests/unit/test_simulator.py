@@ -75,7 +75,8 @@ async def settle(app: Starlette) -> None:
 
 
 async def submit(api: httpx.AsyncClient, path: str = "/document/generate", **body: Any) -> Any:
-    body = {"url": "https://example.com/a.pdf", "domain": "document.invoice"} | body
+    source = {} if "file_id" in body or "images" in body else {"url": "https://example.com/a.pdf"}
+    body = source | {"domain": "document.invoice"} | body
     response = await api.post(path, json=body)
     assert response.status_code == 201, response.text
     return response.json()
@@ -94,6 +95,7 @@ async def test_upload_then_generate_completes_with_invoice_fields() -> None:
             "purpose": "assistants",
             "created_at": "t",
             "object": "file",
+            "public_url": None,
         }
         pred = await submit(api, file_id=upload.json()["id"])
         assert pred["id"].startswith("pred_")
@@ -337,12 +339,12 @@ async def test_unknown_prediction_answers_404() -> None:
 @pytest.mark.parametrize(
     ("path", "domain", "key"),
     [
-        ("/document/generate", "document.receipt", "merchant"),
-        ("/document/generate", "document.markdown", "markdown"),
+        ("/document/generate", "document.receipt", "merchant_name"),
+        ("/document/generate", "document.markdown", "pages"),
         ("/document/generate", "document.resume", "contact_info"),
         ("/audio/generate", "audio.transcription", "segments"),
         ("/video/generate", "video.transcription", "segments"),
-        ("/document/generate", "healthcare.patient-intake", "content"),
+        ("/document/generate", "healthcare.patient-intake", "summary"),
     ],
 )
 async def test_each_domain_gets_a_plausible_response(path: str, domain: str, key: str) -> None:
