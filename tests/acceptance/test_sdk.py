@@ -19,7 +19,12 @@ import orjson
 import pytest
 from PIL import Image
 from vlmrun.client import VLMRun
-from vlmrun.client.exceptions import APIError, AuthenticationError, ResourceNotFoundError
+from vlmrun.client.exceptions import (
+    APIError,
+    AuthenticationError,
+    RateLimitError,
+    ResourceNotFoundError,
+)
 from vlmrun.client.types import FileResponse, MarkdownDocument, PredictionResponse
 from vlmrun.common.webhook import verify_webhook
 from vlmrun.hub.registry import registry
@@ -126,6 +131,14 @@ def test_wrong_key_and_unknown_ids_raise_the_sdks_errors(api: Api) -> None:
         client.predictions.get("pred_missing")
     with pytest.raises(ResourceNotFoundError):
         client.files.get("file_missing")
+
+
+@pytest.mark.parametrize(("code", "error"), [(429, RateLimitError), (402, APIError)])
+def test_api_errors_parse_as_the_sdks(api: Api, code: int, error: type[APIError]) -> None:
+    """A forced API error carries the status, type and message the SDK reads."""
+    with pytest.raises(error) as raised:
+        api.sdk().document.generate(url="https://e.test/a.pdf", domain=f"simulate.error-{code}")
+    assert raised.value.http_status == code and raised.value.error_type and raised.value.message
 
 
 def test_direct_upload_then_reuse_by_hash(api: Api, tmp_path: Path) -> None:
