@@ -41,6 +41,7 @@ from receiver.errors import StoreError, VlmRunError
 from receiver.metrics import Metrics
 from receiver.models import STATUS_RANK, Incoming, Job, Outcome, is_terminal
 from receiver.store import Store
+from receiver.verify import Rejected, parse_prediction
 from receiver.vlmrun import VlmRunClient
 
 log = structlog.get_logger("receiver.reconcile")
@@ -193,23 +194,28 @@ class Reconciler:
             )
             return False
         self.metrics.polls.labels("ok").inc()
-        status = prediction.get("status")
-        if not isinstance(status, str) or not status:
-            log.warning("reconcile.no_status", job_id=job.id, prediction_id=prediction_id)
+        try:  # the same rule as a callback's body; bytes kept as they will be shown
+            body = orjson.dumps(prediction)
+            parsed = parse_prediction(body)
+        except (orjson.JSONEncodeError, Rejected) as exc:
+            reason = exc.reason if isinstance(exc, Rejected) else "nested too deep to keep"
+            log.warning(
+                "reconcile.unreadable", job_id=job.id, prediction_id=prediction_id, reason=reason
+            )
             return False
+        status = parsed.status
         if status in STATUS_RANK and not is_terminal(status):
             return False  # pending, running: nothing a callback would have brought yet
-        domain = prediction.get("domain")
         result = await self.store.record(
             Incoming(
                 token_hash=None,
                 job_id=job.id,
                 prediction_id=prediction_id,
                 status=status,
-                domain=domain if isinstance(domain, str) and domain else None,  # else the job's
+                domain=parsed.domain,  # None: the job's
                 source="poll",
                 verification="poll",
-                body=orjson.dumps(prediction),
+                body=body,
                 received_at=self.clock(),
             )
         )

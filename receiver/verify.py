@@ -87,4 +87,10 @@ def parse_prediction(body: bytes) -> Prediction:
         raise Rejected(422, "prediction `id` missing or not a string")
     if not isinstance(status, str) or not status or len(status) > 64:
         raise Rejected(422, "prediction `status` missing or not a string")
-    return Prediction(pid, status, domain if isinstance(domain, str) and domain else None)
+    domain = domain if isinstance(domain, str) and domain else None
+    for name, value in (("id", pid), ("status", status), ("domain", domain)):
+        # PostgreSQL text cannot hold NUL: refused here, so both stores answer alike and a
+        # body that can never be stored is not answered "retry later".
+        if value is not None and "\x00" in value:
+            raise Rejected(422, f"prediction `{name}` contains a NUL character")
+    return Prediction(pid, status, domain)

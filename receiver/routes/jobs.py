@@ -14,6 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Message
 
 from receiver import logs
 from receiver.errors import VlmRunError
@@ -32,6 +33,10 @@ from receiver.vlmrun import GenerationConfig, RequestMetadata, generate_request
 log = structlog.get_logger("receiver.jobs")
 DOMAIN = re.compile(r"^[a-z0-9][a-z0-9_-]*\.[a-z0-9][a-z0-9_.-]*$")
 PAGE_MAX = 500
+# Deep enough for any JSON schema in `config`; what is kept must also be written back out, and
+# orjson writes at most 254 levels.
+MAX_NESTING = 64
+MULTIPART_SLACK = 64 * 1024  # the form's framing and fields around a file at the limit
 Model = TypeVar("Model", bound=BaseModel)
 
 
@@ -45,7 +50,22 @@ def _object(value: Any, name: str) -> dict[str, Any]:
             raise BadRequest(f"`{name}` must be a JSON object", 422) from None
     if not isinstance(value, dict):
         raise BadRequest(f"`{name}` must be a JSON object", 422)
+    if _deeper_than(value, MAX_NESTING):
+        raise BadRequest(f"`{name}` is nested deeper than {MAX_NESTING} levels", 422)
     return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether objects and arrays in `value` nest more than `limit` levels (no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _model(model: type[Model], value: dict[str, Any], name: str) -> Model:
@@ -140,21 +160,41 @@ def api_error_answer(exc: VlmRunError) -> tuple[int, str]:
     return 502, exc.reason
 
 
+def _limited(request: Request, limit: int) -> Request:
+    """`request` with a body that stops at `limit` bytes with a 413, however it is framed: a
+    Content-Length is only a claim, and a chunked body has none."""
+    received = 0
+
+    async def receive() -> Message:
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise BadRequest(f"upload over {limit - MULTIPART_SLACK} bytes", 413)
+        return message
+
+    return Request(request.scope, receive)
+
+
 async def _read_submission(request: Request, svc: Services) -> tuple[dict[str, Any], Any]:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
+        limit = svc.settings.max_upload_bytes + MULTIPART_SLACK
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > svc.settings.max_upload_bytes:
+        if length and length.isdigit() and int(length) > limit:
             raise BadRequest(f"upload over {svc.settings.max_upload_bytes} bytes", 413)
-        form = await request.form(max_files=1)
+        form = await _limited(request, limit).form(max_files=1)
         upload = form.get("file")
+        if isinstance(upload, UploadFile) and (upload.size or 0) > svc.settings.max_upload_bytes:
+            raise BadRequest(f"upload over {svc.settings.max_upload_bytes} bytes", 413)
         # An empty form field is an absent one (what an HTML form sends for a blank input).
         fields = {k: v for k, v in form.items() if isinstance(v, str) and v}
         return fields, upload if isinstance(upload, UploadFile) else None
+    limit = svc.settings.max_body_bytes
     try:
-        data = orjson.loads(await request.body())
+        data = orjson.loads(await _limited(request, limit + MULTIPART_SLACK).body())
     except orjson.JSONDecodeError:
-        raise BadRequest("body must be JSON or multipart/form-data") from None
+        raise BadRequest("body must be JSON (nested at most 1,024 levels) or multipart") from None
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object", 422)
     return data, None

@@ -151,7 +151,8 @@ async def _read_snippet(resp: aiohttp.ClientResponse) -> str:
         if not chunk:
             break
         data += chunk
-    return data.decode("utf-8", "replace")[:SNIPPET_CHARS]
+    # NUL becomes U+FFFD like any undecodable byte: PostgreSQL text cannot hold it.
+    return data.decode("utf-8", "replace").replace("\x00", "\ufffd")[:SNIPPET_CHARS]
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:

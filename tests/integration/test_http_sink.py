@@ -255,3 +255,10 @@ async def test_concurrency_limits_and_reuses_connections(webhook_server) -> None
     received = webhook_server.received(url)
     assert sorted(r.headers["webhook-id"] for r in received) == sorted(m.event_id for m in messages)
     assert len({r.client_port for r in received}) <= 8
+
+
+async def test_a_nul_in_the_answer_is_kept_as_a_replacement_character(webhook_server) -> None:
+    """A consumer answering NUL bytes leaves a snippet PostgreSQL can store (NUL -> U+FFFD)."""
+    url = webhook_server.endpoint(body=b"ok\x00done")
+    receipt = await send_once(SinkConfig(name="t", url=url, secret=new_secret()), new_message())
+    assert receipt.snippet == "ok\ufffddone"

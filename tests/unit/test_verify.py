@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+import orjson
 import pytest
 
 from receiver.verify import Rejected, check_signature, parse_prediction, sign
@@ -90,3 +91,13 @@ def test_bad_bodies_get_clear_answers(body: bytes, status: int) -> None:
     with pytest.raises(Rejected) as info:
         parse_prediction(body)
     assert info.value.status == status
+
+
+@pytest.mark.parametrize("field", ["id", "status", "domain"])
+def test_nul_in_a_stored_field_is_422(field: str) -> None:
+    """A NUL in `id`, `status` or `domain` (PostgreSQL text cannot hold it) is a 422 by name."""
+    fields = {"id": "pred_1", "status": "completed", "domain": "document.invoice"}
+    body = orjson.dumps(fields | {field: fields[field] + "\x00"})
+    with pytest.raises(Rejected) as info:
+        parse_prediction(body)
+    assert info.value.status == 422 and f"`{field}`" in info.value.reason
