@@ -44,12 +44,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def prediction(i: int) -> bytes:
-    """The i-th completed invoice prediction, as VLM Run would call back with it."""
+def prediction(i: int, status: str = "completed") -> bytes:
+    """The i-th invoice prediction in `status`, as VLM Run would call back with it."""
     return orjson.dumps(
         {
             "id": f"pred_bench_{i}",
-            "status": "completed",
+            "status": status,
             "domain": "document.invoice",
             "created_at": "2026-11-24T08:00:00Z",
             "completed_at": "2026-11-24T08:00:09Z",

@@ -32,7 +32,7 @@ from receiver.outbox import Dispatcher, RetryPolicy
 from receiver.proxy import ProxyHeaders, mount
 from receiver.reconcile import Reconciler
 from receiver.routes import JSON, BadRequest, Services, deliveries, error, jobs, ops
-from receiver.routes.callbacks import CallbackEndpoint
+from receiver.routes.callbacks import CALLBACK_PATH, CallbackEndpoint
 from receiver.routes.openapi import openapi
 from receiver.sinks import open_sink
 from receiver.store import Store, open_store
@@ -247,18 +247,15 @@ def create_app(
                 # uvicorn re-raises SIGTERM once it has shut down: atexit may never run.
                 logs.flush()
 
-    routes = [
+    # The callback route first: the router tries routes in order, and it is the hot path.
+    routes = [] if ops_only else [Route(CALLBACK_PATH, CallbackEndpoint(svc), methods=["POST"])]
+    routes += [
         Route("/healthz", ops.healthz),
         Route("/readyz", ops.readyz),
         Route("/metrics", ops.metrics),
     ]
     if not ops_only:
-        routes += [
-            Route("/openapi.json", openapi),
-            *jobs.routes,
-            *deliveries.routes,
-            Route("/callbacks/vlmrun/{token}", CallbackEndpoint(svc), methods=["POST"]),
-        ]
+        routes += [Route("/openapi.json", openapi), *jobs.routes, *deliveries.routes]
     restrict_hosts = "*" not in settings.allowed_hosts
     # Client address and scheme come from X-Forwarded-*/Forwarded only from a trusted proxy.
     prefix = settings.root_path.rstrip("/")

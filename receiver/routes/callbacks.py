@@ -30,6 +30,7 @@ from receiver.routes import Services
 from receiver.verify import SIGNATURE_HEADERS, Rejected, check_signature, parse_prediction
 
 log = structlog.get_logger("receiver.callbacks")
+CALLBACK_PATH = "/callbacks/vlmrun/{token}"
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 

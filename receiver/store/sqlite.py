@@ -130,16 +130,14 @@ FILL_BYTES = 1024 * 1024
 
 
 def _pieces(rows: Sequence[Row]) -> Iterator[Sequence[Row]]:
-    def size(piece: Sequence[Row]) -> int:
-        return sum(len(v) for row in piece for v in row if isinstance(v, bytes))
-
+    sizes = [sum(len(v) for v in row if isinstance(v, bytes)) for row in rows]
     start = 0
     while start < len(rows):
-        take = 1
-        while (
-            take * 2 <= min(FILL_ROWS, len(rows) - start)
-            and size(rows[start : start + take * 2]) <= FILL_BYTES
-        ):
+        take, size = 1, sizes[start]
+        while take * 2 <= min(FILL_ROWS, len(rows) - start):
+            size += sum(sizes[start + take : start + take * 2])
+            if size > FILL_BYTES:
+                break
             take *= 2
         yield rows[start : start + take]
         start += take
