@@ -7,13 +7,25 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import orjson
 import pytest
 
-from tests.acceptance.conftest import ADMIN_TOKEN, FakeVlmRun, Process, signed, submit
+from tests.acceptance.conftest import (
+    ADMIN_TOKEN,
+    API_KEY,
+    WEBHOOK_SECRET,
+    FakeVlmRun,
+    Process,
+    base_env,
+    free_port,
+    signed,
+    submit,
+)
 
 pytestmark = pytest.mark.acceptance
 
@@ -221,3 +233,125 @@ def test_every_acknowledged_callback_survives_sigkill(
     for job_id, status in acknowledged:
         statuses = {e["status"] for e in events_of(admin, scripted_service, job_id)}
         assert status in statuses
+
+
+def access_lines(service: Process, request_id: str) -> list[dict[str, object]]:
+    """The service's `http.request` lines of one request (found by its X-Request-ID)."""
+    lines = [orjson.loads(line) for line in service.logs().splitlines() if line.startswith("{")]
+    return [
+        line
+        for line in lines
+        if line.get("event") == "http.request" and line.get("request_id") == request_id
+    ]
+
+
+def test_every_callback_answer_writes_one_access_line_without_the_token(
+    scripted_service: Process, fake_vlmrun: FakeVlmRun
+) -> None:
+    """Whatever a callback is answered (recorded, duplicate, 401, 404, 400, 422, 413, 405),
+    the service writes exactly one access line for it, with its status and the token redacted."""
+    (job,) = submit(scripted_service)
+    pred = str(job["prediction_id"])
+    url = fake_vlmrun.callback_urls[pred]
+    token = url.rsplit("/", 1)[1]
+    body = prediction(pred, "completed")
+    cases = [
+        ("recorded", 200, lambda h: httpx.post(url, content=body, headers={**signed(body), **h})),
+        ("duplicate", 200, lambda h: httpx.post(url, content=body, headers={**signed(body), **h})),
+        (
+            "forged",
+            401,
+            lambda h: httpx.post(url, content=body, headers={**signed(body, "x"), **h}),
+        ),
+        (
+            "unknown",
+            404,
+            lambda h: httpx.post(url + "x", content=body, headers={**signed(body), **h}),
+        ),
+        ("not-json", 400, lambda h: httpx.post(url, content=b"{", headers={**signed(b"{"), **h})),
+        (
+            "not-a-prediction",
+            422,
+            lambda h: httpx.post(url, content=b"[]", headers={**signed(b"[]"), **h}),
+        ),
+        ("too-large", 413, lambda h: httpx.post(url, content=b"x" * 200_000, headers=h)),
+        ("get", 405, lambda h: httpx.get(url, headers=h)),
+    ]
+    for name, status, send in cases:
+        answer = send({"X-Request-ID": f"cb-{name}"})
+        assert answer.status_code == status, (name, answer.text)
+        assert answer.headers["x-request-id"] == f"cb-{name}"
+    scripted_service.stop()  # its buffered lines are written out as it stops
+    text = scripted_service.logs()
+    assert token not in text
+    for name, status, _ in cases:
+        lines = access_lines(scripted_service, f"cb-{name}")
+        assert [(line["status"], line["path"]) for line in lines] == [
+            (status, "/callbacks/vlmrun/***")
+        ], name
+
+
+def test_a_callback_for_an_unknown_token_is_refused_before_its_body_is_read(
+    scripted_service: Process,
+) -> None:
+    """A callback whose token no job has is answered 404 while its body is still on its way."""
+    with socket.create_connection(("127.0.0.1", scripted_service.port), timeout=5) as s:
+        s.sendall(
+            b"POST /callbacks/vlmrun/no-such-token HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 90000\r\n\r\n" + b'{"id": "'
+        )
+        answer = s.recv(4096)  # the rest of the 90 kB is never sent
+    assert answer.startswith(b"HTTP/1.1 404")
+
+
+@pytest.fixture
+def tight_service(tmp_path: Path, fake_vlmrun: FakeVlmRun) -> Iterator[Process]:
+    """`receiver serve` that holds at most 100 kB of callback bodies at once."""
+    port = free_port()
+    env = base_env(
+        RECEIVER_DATABASE_URL=f"sqlite:///{tmp_path}/receiver.db",
+        RECEIVER_PORT=str(port),
+        RECEIVER_ADMIN_TOKEN=ADMIN_TOKEN,
+        RECEIVER_VLMRUN_API_KEY=API_KEY,
+        RECEIVER_VLMRUN_BASE_URL=fake_vlmrun.url,
+        RECEIVER_VLMRUN_WEBHOOK_SECRETS=WEBHOOK_SECRET,
+        RECEIVER_MAX_BODY_BYTES="80000",
+        RECEIVER_MAX_INFLIGHT_BYTES="100000",
+        RECEIVER_LOG_FORMAT="json",
+    )
+    proc = Process(["serve"], env, tmp_path / "service.log", port)
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+def test_bodies_in_flight_are_bounded_by_the_memory_budget(
+    tight_service: Process, fake_vlmrun: FakeVlmRun
+) -> None:
+    """While large bodies are held open, a callback that would take the bodies in flight past
+    RECEIVER_MAX_INFLIGHT_BYTES gets 503 (retry later); one that fits is recorded; once the
+    held bodies are gone, the large callback goes through too."""
+    first, second = submit(tight_service, 2)
+    held_url = fake_vlmrun.callback_urls[str(first["prediction_id"])]
+    path = held_url.split(str(tight_service.port), 1)[1]
+    url = fake_vlmrun.callback_urls[str(second["prediction_id"])]
+    small = prediction(str(second["prediction_id"]), "running")
+    large = prediction(str(second["prediction_id"]), "completed", pad="x" * 30_000)
+    with socket.create_connection(("127.0.0.1", tight_service.port), timeout=5) as held:
+        held.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: 75000\r\n\r\n".encode()
+            + b'{"id": "'
+        )
+        deadline = time.monotonic() + 5
+        while (busy := httpx.post(url, content=large, headers=signed(large))).status_code != 503:
+            assert time.monotonic() < deadline, busy.text  # the held body is being read
+            time.sleep(0.05)
+        assert busy.headers["retry-after"] == "1"
+        fits = httpx.post(url, content=small, headers=signed(small))
+        assert fits.status_code == 200 and fits.json()["status"] == "recorded"
+    deadline = time.monotonic() + 5
+    while (done := httpx.post(url, content=large, headers=signed(large))).status_code == 503:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert done.status_code == 200 and done.json()["status"] == "recorded"

@@ -686,6 +686,36 @@ async def test_a_burst_of_two_predictions_of_one_job_ends_as_if_one_by_one(store
     ]
 
 
+async def test_postgres_replicas_claiming_one_prediction_for_two_jobs_record_it_once(
+    postgres_url: str,
+) -> None:
+    """Two replicas record the same prediction id for two different jobs at the same moment:
+    one job gets it, the other hears "conflict", whichever batch commits first."""
+    first, second = open_store(postgres_url, ROUTES), open_store(postgres_url, ROUTES)
+    try:
+        await _claim_one_prediction_twice(first, second)
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def _claim_one_prediction_twice(first: Store, second: Store) -> None:
+    for i in range(20):
+        job_a, a = await new_job(first)
+        job_b, b = await new_job(first)
+        pred = f"pred_{i}"
+        results = await asyncio.gather(
+            first.record(callback(a, pred, "completed")),
+            second.record(callback(b, pred, "completed")),
+        )
+        assert sorted(r.outcome for r in results) == [Outcome.CONFLICT, Outcome.RECORDED]
+        owner = next(r.job_id for r in results if r.outcome is Outcome.RECORDED)
+        for job in (job_a, job_b):
+            found = await first.get_job(job.id)
+            assert found is not None
+            assert [e.prediction_id for e in found[1]] == ([pred] if job.id == owner else [])
+
+
 async def test_find_job_knows_a_token_only_by_its_hash(store: Store) -> None:
     """A callback token's hash names its job; any other hash names none."""
     job, token = await new_job(store)
