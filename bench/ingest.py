@@ -280,9 +280,11 @@ async def _measure(args: argparse.Namespace, wrk: str, tmp: Path, url: str) -> i
         pin_servers = ["taskset", "-c", ",".join(str(c) for c in range(args.cpus))]
         pin_wrk = ["taskset", "-c", ",".join(str(c) for c in range(args.cpus, cores))]
         layout = f"servers on cores {pin_servers[-1]}, wrk on {pin_wrk[-1]}"
-    servers = {name: start(name, url, tmp, pin_servers) for name in ("bare", "service")}
+    servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     runs: dict[str, list[dict[str, float]]] = {"bare": [], "service": []}
     try:
+        for name in runs:
+            servers[name] = start(name, url, tmp, pin_servers)
         for r in range(args.rounds):
             for name, (proc, port) in servers.items():
                 cpu = cpu_seconds(proc.pid)

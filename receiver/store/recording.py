@@ -67,11 +67,13 @@ class Statement:
         return f"{self._head()} (SELECT * FROM unnest({arrays}))\n{text}"
 
 
-# Jobs are found by callback token hash or (a polled state) by id; the two never look alike.
+# Jobs are found by id or by callback token hash (the two never look alike), each through its
+# index: an OR of the two would have PostgreSQL scan every job.
 JOBS = Statement(
     (("key", "text"),),
     """SELECT id, domain, status_rank, prediction_id, token_hash FROM jobs
-    WHERE token_hash IN (SELECT key FROM batch) OR id IN (SELECT key FROM batch)
+    WHERE id IN (SELECT key FROM batch UNION ALL
+        SELECT j.id FROM batch JOIN jobs j ON j.token_hash = batch.key)
     ORDER BY id {lock}""",
 )
 PREDICTIONS = Statement(
