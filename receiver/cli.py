@@ -64,9 +64,10 @@ def serve(
 ) -> None:
     """Run the web service (and, unless --no-worker, the dispatcher and reconciler)."""
     import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     from receiver.app import create_app
-    from receiver.server import OneWriteHttpToolsProtocol
+    from receiver.connections import Guard, Limits, default_max_connections, guarded
 
     overrides: dict[str, Any] = {"worker": False} if no_worker else {}
     overrides |= {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
@@ -79,11 +80,19 @@ def serve(
     # uvicorn re-raises SIGTERM after its graceful shutdown, which would kill the process with
     # the signal (exit -15) before atexit runs. A drained shutdown is a clean exit: 0.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    limits = Limits(
+        head_timeout=settings.head_timeout,
+        max_head_bytes=settings.max_head_bytes,
+        max_headers=settings.max_headers,
+        max_connections=settings.max_connections or default_max_connections(),
+    )
+    guard = Guard(limits, application.state.services.metrics.http_limits)
     uvicorn.run(
         application,
         host=settings.host,
         port=settings.port,
-        http=OneWriteHttpToolsProtocol,
+        http=guarded(HttpToolsProtocol, guard),  # type: ignore[arg-type]
+        timeout_keep_alive=max(1, round(settings.keep_alive_timeout)),
         # No root_path here: the app applies RECEIVER_ROOT_PATH itself (stripped or not).
         access_log=False,  # ours redacts callback tokens (receiver.app.RequestContext)
         proxy_headers=False,  # handled by the app, for the configured trusted proxies only

@@ -81,6 +81,28 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         512 * 1024 * 1024, gt=0, description="Largest file accepted by `POST /v1/jobs` multipart."
     )
+    head_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send a complete request head (from connecting, or "
+        "from the first byte of its next request); past it: 408 and close.",
+    )
+    keep_alive_timeout: float = Field(
+        5.0, gt=0, description="Seconds an idle kept-alive connection stays open."
+    )
+    max_head_bytes: int = Field(
+        64 * 1024,
+        gt=0,
+        description="Largest request head (request line and headers); past it: 431.",
+    )
+    max_headers: int = Field(100, gt=0, description="Most headers in one request; past it: 431.")
+    max_connections: int = Field(
+        0,
+        ge=0,
+        description="Client connections open at once; at the limit the one waiting longest for "
+        "its request head is closed to admit a new one, else 503. 0: the descriptor limit "
+        "(`ulimit -n`) less 64.",
+    )
     worker: bool = Field(
         True, description="Run the dispatcher and reconciler inside `receiver serve`."
     )

@@ -51,6 +51,12 @@ class Metrics:
         self.jobs_outstanding = Gauge(
             "receiver_jobs_outstanding", "Jobs without a terminal status", registry=r
         )
+        self.http_limits = Counter(
+            "receiver_http_limits",
+            "Connections closed or refused by a server limit, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.circuit_open = Gauge(
             "receiver_sink_circuit_open",
             "1 while a sink's circuit breaker is open",

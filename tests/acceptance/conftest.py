@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -63,6 +64,11 @@ class Process:
         self.args, self.env, self.log, self.port = args, env, log, port
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.max_files: int | None = None  # set: the process's descriptor limit (ulimit -n)
+
+    def _limit_files(self) -> None:
+        if self.max_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_files, self.max_files))
 
     def start(self, ready_path: str = "/healthz") -> Process:
         with self.log.open("ab") as out:
@@ -71,6 +77,7 @@ class Process:
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                preexec_fn=self._limit_files,
             )
         wait_ready(self.url + ready_path, self.proc, self.log)
         return self
@@ -89,6 +96,11 @@ class Process:
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def api_env(api_url: str, **extra: str) -> dict[str, str]:
+    """Service settings that point it at a VLM Run stand-in (`.../v1`), plus `extra`."""
+    return {"RECEIVER_VLMRUN_API_KEY": API_KEY, "RECEIVER_VLMRUN_BASE_URL": api_url, **extra}
 
 
 def base_env(**extra: str) -> dict[str, str]:

@@ -19,6 +19,7 @@ from tests.acceptance.conftest import (
     ADMIN_TOKEN,
     FakeVlmRun,
     Process,
+    api_env,
     base_env,
     signed,
     submit,
@@ -34,7 +35,7 @@ def service(
     fake_vlmrun: FakeVlmRun,
 ) -> Process:
     """`receiver serve` on SQLite or on a fresh PostgreSQL database, against the fake API."""
-    env = {"RECEIVER_VLMRUN_API_KEY": "k", "RECEIVER_VLMRUN_BASE_URL": fake_vlmrun.url}
+    env = api_env(fake_vlmrun.url)
     if request.param == "postgresql":
         url = request.getfixturevalue("postgres_database")
         migrated = subprocess.run(
@@ -117,11 +118,7 @@ def test_a_chunked_upload_over_the_limit_is_413(
     limit = 1024 * 1024
     service = start_service(
         "serve",
-        env={
-            "RECEIVER_VLMRUN_API_KEY": "k",
-            "RECEIVER_VLMRUN_BASE_URL": fake_vlmrun.url,
-            "RECEIVER_MAX_UPLOAD_BYTES": str(limit),
-        },
+        env=api_env(fake_vlmrun.url, RECEIVER_MAX_UPLOAD_BYTES=str(limit)),
     )
     boundary = "hardening-boundary"
     head = (

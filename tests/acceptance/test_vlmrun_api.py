@@ -20,6 +20,7 @@ from tests.acceptance.conftest import (
     API_KEY,
     WEBHOOK_SECRET,
     Process,
+    api_env,
     base_env,
     free_port,
     submit,
@@ -145,10 +146,7 @@ def test_callbacks_signed_in_either_header_are_verified(
     try:
         service = start_service(
             "serve",
-            env={
-                "RECEIVER_VLMRUN_API_KEY": API_KEY,
-                "RECEIVER_VLMRUN_BASE_URL": f"{simulator.url}/v1",
-            },
+            env=api_env(f"{simulator.url}/v1"),
         )
         (job,) = submit(service, 1)
         done = wait_for(lambda: completed(service, admin, job["id"]), 15, "the callback")
@@ -165,10 +163,7 @@ def test_results_of_downtime_are_back_within_a_minute_with_default_settings(
     again with default settings: all 5 are completed, by polling, within 60 s."""
     simulator = start_simulator(tmp_path, delay="1.0")
     try:
-        env = {"RECEIVER_VLMRUN_API_KEY": API_KEY}
-        service = start_service(
-            "serve", env=env | {"RECEIVER_VLMRUN_BASE_URL": simulator.url + "/v1"}
-        )
+        service = start_service("serve", env=api_env(f"{simulator.url}/v1"))
         jobs = submit(service, 5)
         service.stop()
 
