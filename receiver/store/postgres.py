@@ -80,6 +80,7 @@ _DRIVER: tuple[type[BaseException], ...] = (
 # `?` -> `$n` once per distinct statement (the dynamic ones have a handful of shapes each).
 _pg = functools.cache(sql.numbered)
 
+_JOBS_BY_TOKEN = "SELECT token_hash, id FROM jobs WHERE token_hash = ANY($1::text[])"
 _APPLIED = "INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, $3)"
 
 
@@ -155,6 +156,7 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
         self._recorder: GroupCommit[Incoming, RecordResult] = GroupCommit(self._record_batch)
+        self._finder: GroupCommit[str, str | None] = GroupCommit(self._find_jobs)
         self._listener: asyncpg.Connection | None = None
         self._work = asyncio.Event()
         self._leader: asyncpg.Connection | None = None  # holds the reconciler lock (or tries)
@@ -190,6 +192,7 @@ class PostgresStore:
 
     async def close(self) -> None:
         await self._recorder.close()
+        await self._finder.close()
         for conn in (self._listener, self._leader):
             if conn is not None:
                 with contextlib.suppress(Exception):
@@ -266,9 +269,14 @@ class PostgresStore:
     # -- events ------------------------------------------------------------------------------
 
     async def find_job(self, token_hash: str) -> str | None:
+        return await self._finder.submit(token_hash)
+
+    async def _find_jobs(self, token_hashes: list[str]) -> list[str | BaseException | None]:
+        """The lookups of concurrent callbacks, batched like their recording: one query."""
         async with self._conn() as conn:
-            job_id: str | None = await conn.fetchval(_pg(sql.JOB_BY_TOKEN), token_hash)
-        return job_id
+            rows = await conn.fetch(_JOBS_BY_TOKEN, token_hashes)
+        found = dict(rows)
+        return [found.get(token_hash) for token_hash in token_hashes]
 
     async def record(self, incoming: Incoming) -> RecordResult:
         return await self._recorder.submit(incoming)
