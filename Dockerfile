@@ -59,7 +59,8 @@ COPY --from=builder /opt/venv /opt/venv
 # RECEIVER_HOST: inside a container the service must listen on every interface; the port is
 # only published where the operator says so (compose, a Kubernetes Service).
 # The working directory holds the default SQLite file (sqlite:///./receiver.db): mount a volume
-# at /var/lib/receiver to keep it, or set RECEIVER_DATABASE_URL=postgresql://...
+# at /var/lib/receiver to keep it (create it once with `docker run ... receiver migrate`: serve
+# never creates a database), or set RECEIVER_DATABASE_URL=postgresql://...
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

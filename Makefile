@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: venv
+	$(BIN)/receiver migrate   # creates ./receiver.db the first time (serve never creates one)
 	$(BIN)/receiver serve
 
 lint: venv

@@ -50,6 +50,16 @@ def settings_or_exit(**overrides: Any) -> Settings:
         fail(str(exc))
 
 
+def running_settings(**overrides: Any) -> Settings:
+    """Settings for `serve` and `worker`, which need a database `receiver migrate` made."""
+    from receiver.store.sqlite import database_missing
+
+    settings = settings_or_exit(**overrides)
+    if reason := database_missing(settings.database_url):
+        fail(reason)
+    return settings
+
+
 def _exit_cleanly(signum: int, frame: object) -> None:
     sys.exit(0)
 
@@ -71,7 +81,7 @@ def serve(
 
     overrides: dict[str, Any] = {"worker": False} if no_worker else {}
     overrides |= {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
-    settings = settings_or_exit(**overrides)
+    settings = running_settings(**overrides)
     configure_logging(settings.log_format, settings.log_level)
     try:
         application = create_app(settings)
@@ -80,6 +90,9 @@ def serve(
     # uvicorn re-raises SIGTERM after its graceful shutdown, which would kill the process with
     # the signal (exit -15) before atexit runs. A drained shutdown is a clean exit: 0.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    # Past a file-size limit (ulimit -f) a write fails like on a full disk (503, /readyz
+    # failing until it works again) instead of the signal killing the process.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     limits = Limits(
         head_timeout=settings.head_timeout,
         max_head_bytes=settings.max_head_bytes,
@@ -112,7 +125,7 @@ def worker(
     """Run only the dispatcher and reconciler (scale-out, next to `serve --no-worker`)."""
     from receiver.app import create_app
 
-    settings = settings_or_exit(worker=True)
+    settings = running_settings(worker=True)
     configure_logging(settings.log_format, settings.log_level)
     try:
         application = create_app(settings, ops_only=True)
@@ -154,11 +167,18 @@ def worker(
 
 
 @app.command()
-def migrate() -> None:
+def migrate(
+    existing: Annotated[
+        bool,
+        typer.Option(
+            "--existing", help="Only upgrade a database that is there, never create one."
+        ),
+    ] = False,
+) -> None:
     """Create or upgrade the store's schema (SQLite or PostgreSQL)."""
     from receiver.store import open_store
 
-    settings = settings_or_exit()
+    settings = running_settings() if existing else settings_or_exit()
 
     async def main() -> int:
         store = open_store(settings.database_url)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import os
 import sqlite3
 import threading
 import time
@@ -49,6 +50,31 @@ def _connect(path: str) -> sqlite3.Connection:
     # The hot indexes (token hash, prediction id) should stay in memory: 64 MiB of page cache.
     conn.execute("PRAGMA cache_size=-65536")
     return conn
+
+
+def _probe(conn: sqlite3.Connection) -> None:
+    """The smallest real write: the header's user_version, set to what it is."""
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    conn.execute(f"PRAGMA user_version = {int(version)}")
+
+
+def _path(url: str) -> str:
+    return url.removeprefix("sqlite://").removeprefix("/") or ":memory:"
+
+
+def database_missing(url: str) -> str | None:
+    """Why `receiver serve` must not start on `url`: a SQLite file that is not there. Only
+    `receiver migrate` creates one, so a database lost under a running service is not
+    silently replaced by an empty one at the next start."""
+    if not url.startswith("sqlite:"):
+        return None
+    path = _path(url)
+    if path == ":memory:" or Path(path).exists():
+        return None
+    return (
+        f"no database at {path}: `receiver migrate` creates one. If this service ran on it "
+        "before, it is gone: restore it from a backup (docs/operations.md) instead."
+    )
 
 
 async def _each(
@@ -154,8 +180,10 @@ class _Writer:
     only the one at fault fails.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, check: Callable[[], None]) -> None:
         self._path = path
+        self._check = check  # raises StoreUnavailable when the file is no longer ours
+        self.failing: Exception | None = None  # why the last transaction failed, until one works
         self._conn: sqlite3.Connection | None = None
         self._commits: ThreadPoolExecutor | None = None
         self._checkpointer = _Checkpointer(path)
@@ -185,6 +213,10 @@ class _Writer:
         if conn is None or commits is None:
             return [StoreUnavailable("the store is closed")] * len(batch)
         try:
+            self._check()
+        except StoreUnavailable as exc:
+            return [exc] * len(batch)
+        try:
             conn.execute("BEGIN IMMEDIATE")
             results: list[Any] = []
             for op, items in itertools.groupby(batch, key=lambda item: item[0]):
@@ -194,8 +226,11 @@ class _Writer:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             if len(batch) == 1:
-                return [_wrap(exc)]
+                wrapped = _wrap(exc)
+                self.failing = wrapped if isinstance(wrapped, StoreUnavailable) else None
+                return [wrapped]
             return [(await self._write([item]))[0] for item in batch]
+        self.failing = None
         self._checkpointer.written()
         return results
 
@@ -217,12 +252,14 @@ class SqliteStore:
     """`sqlite:///relative.db`, `sqlite:////absolute.db` or `sqlite:///:memory:` (tests only)."""
 
     def __init__(self, url: str, routes: Sequence[Route] = ()) -> None:
-        self.path = url.removeprefix("sqlite://").removeprefix("/") or ":memory:"
+        self.path = _path(url)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.routes = tuple(routes)
         self._work = asyncio.Event()
-        self._writer = _Writer(self.path)
+        self._writer = _Writer(self.path, self._check_identity)
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
+        self._lost: str | None = None  # why the file is no longer ours
         self._reader: sqlite3.Connection | None = None
         self._lookups: sqlite3.Connection | None = None  # quick reads, on the event loop
         self._reads: ThreadPoolExecutor | None = None
@@ -243,9 +280,27 @@ class SqliteStore:
                 self._reader = _connect(self.path)
                 self._lookups = _connect(self.path)
                 self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-reader")
-            except sqlite3.Error as exc:
+                if self.path != ":memory:":
+                    found = os.stat(self.path)
+                    self._identity = (found.st_dev, found.st_ino)
+            except (sqlite3.Error, OSError) as exc:
                 raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
             self._started = True
+
+    def _check_identity(self) -> None:
+        """Raise StoreUnavailable, from now on, once the database file was removed or replaced
+        under us: what we would write could never be read back at the next start."""
+        if self._lost is None and self._identity is not None:
+            try:
+                found = os.stat(self.path)
+                if (found.st_dev, found.st_ino) != self._identity:
+                    self._lost = f"{self.path} was replaced by another file"
+            except FileNotFoundError:
+                self._lost = f"{self.path} was removed"
+            if self._lost is not None:
+                log.error("store.lost", path=self.path, reason=self._lost)
+        if self._lost is not None:
+            raise StoreUnavailable(f"the database is gone: {self._lost}; restart once restored")
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         self._start()
@@ -254,6 +309,8 @@ class SqliteStore:
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         self._start()
+        if self._lost is not None:
+            self._check_identity()
         reader, reads = self._reader, self._reads
         assert reader is not None and reads is not None
 
@@ -278,6 +335,12 @@ class SqliteStore:
             self._reads = None
 
     async def ping(self) -> None:
+        """Raise StoreUnavailable while the file is gone or writes fail (a full disk); a
+        failing store is probed with a write, so it passes again by itself once they work."""
+        self._start()
+        self._check_identity()
+        if self._writer.failing is not None:
+            await self._write(_probe)
         await self._read(lambda c: c.execute("SELECT 1").fetchone())
 
     async def migrate(self) -> int:

@@ -65,12 +65,31 @@ class Process:
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.max_files: int | None = None  # set: the process's descriptor limit (ulimit -n)
+        # `serve` and `worker` never create a SQLite database; as an operator would once, the
+        # first start runs `receiver migrate` (False: start as is).
+        url = env.get("RECEIVER_DATABASE_URL", "sqlite:")
+        self.migrate_first = args[0] in ("serve", "worker") and url.startswith("sqlite:")
 
     def _limit_files(self) -> None:
         if self.max_files is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_files, self.max_files))
 
+    def migrate(self) -> None:
+        """`receiver migrate` with this process's settings, once, if it is to run first."""
+        if not self.migrate_first:
+            return
+        self.migrate_first = False
+        run = subprocess.run(
+            [sys.executable, "-m", "receiver", "migrate"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+
     def start(self, ready_path: str = "/healthz") -> Process:
+        self.migrate()
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "receiver", *self.args],
@@ -273,6 +292,7 @@ def start_service(tmp_path: Path) -> Iterator[Any]:
         started.append(proc)
         if ready is not None:
             return proc.start(ready)
+        proc.migrate()
         with proc.log.open("ab") as out:
             proc.proc = subprocess.Popen(
                 [sys.executable, "-m", "receiver", *proc.args],
