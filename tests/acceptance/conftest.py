@@ -384,3 +384,12 @@ def submit(service: Process, n: int = 1) -> list[dict[str, Any]]:
         assert r.status_code == 201, r.text
         jobs.append(r.json())
     return jobs
+
+
+def terminal_callback(service: Process, api: FakeVlmRun) -> int:
+    """A job submitted and its signed `completed` callback sent: the callback's status code."""
+    (job,) = submit(service)
+    pred = str(job["prediction_id"])
+    body = orjson.dumps({"id": pred, "status": "completed"})
+    url = api.callback_urls[pred]
+    return httpx.post(url, content=body, headers=signed(body), timeout=10).status_code

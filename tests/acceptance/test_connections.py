@@ -12,10 +12,15 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 
 import httpx
-import orjson
 import pytest
 
-from tests.acceptance.conftest import FakeVlmRun, Process, api_env, signed, submit, wait_for
+from tests.acceptance.conftest import (
+    FakeVlmRun,
+    Process,
+    api_env,
+    terminal_callback,
+    wait_for,
+)
 
 pytestmark = pytest.mark.acceptance
 
@@ -57,14 +62,6 @@ def answer_of(sock: socket.socket) -> bytes:
     return data
 
 
-def callback_answer(service: Process, fake_vlmrun: FakeVlmRun) -> int:
-    (job,) = submit(service)
-    pred = str(job["prediction_id"])
-    body = orjson.dumps({"id": pred, "status": "completed"})
-    url = fake_vlmrun.callback_urls[pred]
-    return httpx.post(url, content=body, headers=signed(body), timeout=10).status_code
-
-
 def test_idle_connections_beyond_the_descriptors_do_not_lock_out_callbacks(
     service: Process, fake_vlmrun: FakeVlmRun
 ) -> None:
@@ -73,8 +70,8 @@ def test_idle_connections_beyond_the_descriptors_do_not_lock_out_callbacks(
     closed within the head timeout, counted and logged."""
     with ExitStack() as stack:
         idle = [stack.enter_context(connect(service)) for _ in range(300)]
-        assert callback_answer(service, fake_vlmrun) == 200
-        assert callback_answer(service, fake_vlmrun) == 200
+        assert terminal_callback(service, fake_vlmrun) == 200
+        assert terminal_callback(service, fake_vlmrun) == 200
         time.sleep(HEAD_TIMEOUT + 1)
         for sock in idle:
             sock.settimeout(5)

@@ -14,18 +14,17 @@ import httpx
 import orjson
 import pytest
 
-from tests.acceptance.conftest import FakeVlmRun, Process, api_env, signed, submit, wait_for
+from tests.acceptance.conftest import (
+    FakeVlmRun,
+    Process,
+    api_env,
+    signed,
+    submit,
+    terminal_callback,
+    wait_for,
+)
 
 pytestmark = pytest.mark.acceptance
-
-
-def callback(service: Process, fake_vlmrun: FakeVlmRun) -> int:
-    """A job submitted, and its terminal callback sent: the callback's answer."""
-    (job,) = submit(service)
-    pred = str(job["prediction_id"])
-    body = orjson.dumps({"id": pred, "status": "completed"})
-    url = fake_vlmrun.callback_urls[pred]
-    return httpx.post(url, content=body, headers=signed(body), timeout=10).status_code
 
 
 def ready(service: Process) -> int:
@@ -38,7 +37,7 @@ def test_removed_database_files_answer_503_and_are_not_recreated(
     """After `rm receiver.db*` the next callbacks get 503, /readyz fails, `store.lost` is
     logged at error level, and a restart refuses to create an empty database."""
     service = start_service("serve", env=api_env(fake_vlmrun.url))
-    assert callback(service, fake_vlmrun) == 200
+    assert terminal_callback(service, fake_vlmrun) == 200
     jobs = submit(service, 3)  # submitted before the loss: their callbacks come after it
     for path in tmp_path.glob("receiver.db*"):
         path.unlink()
