@@ -1,6 +1,12 @@
 """Forwarding rate and latency: the outbox against a bare aiohttp loop, to one local HTTP sink.
 
     python bench/forward.py [--events 20000] [--rounds 5] [--database-url postgresql://...]
+                            [--cpus 1 | --spread]
+
+Both sides get the same CPU budget (as `bench/ingest.py` gives its servers): by default the
+worker and the baseline loop each run pinned to core 0, the sink (and the bench's polling while
+the worker runs) on the other cores; a sender that spreads over a second core would otherwise
+hide its cost. `--spread` pins nothing (the layout of figures before 2026-12-04).
 
 1. Rate. A minimal aiohttp app answers 200 in a process of its own on loopback (the sink).
    The baseline is the fastest bare client loop we know: aiohttp, `--concurrency` requests in
@@ -62,6 +68,38 @@ SIGNING_SECRET = "whsec_" + base64.b64encode(b"bench-signing-secret-0123").decod
 
 
 # -- the sink: a process of its own ----------------------------------------------------------
+
+
+class Cores:
+    """Which cores the two senders get (`sender`) and which the sink and the bench's polling
+    get (`rest`); empty sets: nothing pinned."""
+
+    def __init__(self, cpus: int, spread: bool) -> None:
+        every = sorted(os.sched_getaffinity(0))
+        if spread or cpus >= len(every):
+            self.sender: set[int] = set()
+            self.rest: set[int] = set()
+        else:
+            self.sender, self.rest = set(every[:cpus]), set(every[cpus:])
+
+    def taskset(self, cores: set[int]) -> list[str]:
+        return ["taskset", "-c", ",".join(map(str, sorted(cores)))] if cores else []
+
+    @contextlib.contextmanager
+    def this_process_on(self, cores: set[int]) -> Iterator[None]:
+        """Run this (the bench's) process on `cores` for the block."""
+        before = os.sched_getaffinity(0)
+        if cores:
+            os.sched_setaffinity(0, cores)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, before)
+
+    def __str__(self) -> str:
+        if not self.sender:
+            return "unpinned (--spread)"
+        return f"senders pinned to core(s) {sorted(self.sender)}, sink on {sorted(self.rest)}"
 
 
 def serve_sink(port: int) -> None:
@@ -254,10 +292,12 @@ def service_env(
     }
 
 
-async def outbox_rate(url: str, tmp: Path, sink_url: str, n: int, concurrency: int) -> Run:
+async def outbox_rate(
+    url: str, tmp: Path, sink_url: str, n: int, concurrency: int, pin: list[str]
+) -> Run:
     """`receiver worker` draining n due rows to the sink."""
     env = service_env(url, tmp, sink_url, concurrency)
-    cmd = [sys.executable, "-m", "receiver", "worker"]
+    cmd = [*pin, sys.executable, "-m", "receiver", "worker"]
     async with Progress(url) as progress:
         with running(cmd, tmp / "worker.log", env) as proc:
             deadline = time.monotonic() + 600
@@ -335,6 +375,10 @@ def main() -> None:
     ap.add_argument("--light", type=int, default=200, help="callbacks for the latency phase")
     ap.add_argument("--light-rate", type=float, default=20.0, help="callbacks per second")
     ap.add_argument("--database-url", default=None, help="default: fresh SQLite files")
+    ap.add_argument(
+        "--cpus", type=int, default=1, help="cores the worker and the baseline loop each get"
+    )
+    ap.add_argument("--spread", action="store_true", help="pin nothing")
     ap.add_argument("--sink", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.sink:  # the sink's own process
@@ -348,9 +392,12 @@ async def run(args: argparse.Namespace) -> None:
     port = free_port()
     sink_url = f"http://127.0.0.1:{port}/hook"
     where = "SQLite" if args.database_url is None else "PostgreSQL"
+    cores = Cores(args.cpus, args.spread)
+    print(cores, flush=True)
     bare: list[Run] = []
     outbox: list[Run] = []
-    with running([sys.executable, __file__, "--sink", str(port)], tmp / "sink.log") as sink:
+    sink_cmd = [*cores.taskset(cores.rest), sys.executable, __file__, "--sink", str(port)]
+    with running(sink_cmd, tmp / "sink.log") as sink, cores.this_process_on(cores.rest):
         wait_up(f"http://127.0.0.1:{port}/arrivals", sink)
         async with fresh_database(args.database_url, tmp, "rate") as url:
             print(f"recording {args.events} callbacks in {where} ...", flush=True)
@@ -359,8 +406,12 @@ async def run(args: argparse.Namespace) -> None:
             for r in range(args.rounds):
                 if r:
                     await requeue(url)
-                bare.append(await baseline(sink_url, bodies, args.concurrency))
-                outbox.append(await outbox_rate(url, tmp, sink_url, args.events, args.concurrency))
+                with cores.this_process_on(cores.sender):
+                    bare.append(await baseline(sink_url, bodies, args.concurrency))
+                pin = cores.taskset(cores.sender)
+                outbox.append(
+                    await outbox_rate(url, tmp, sink_url, args.events, args.concurrency, pin)
+                )
                 print(
                     f"round {r + 1}: bare aiohttp {bare[-1].rate:,.0f}/s"
                     f" ({bare[-1].cpu_us:.0f} us CPU each), outbox {outbox[-1].rate:,.0f}/s"
@@ -377,7 +428,7 @@ async def run(args: argparse.Namespace) -> None:
 
     print(
         f"\n{args.events} deliveries per round, {args.rounds} alternating rounds, "
-        f"{args.concurrency} in flight, one local HTTP sink, {where} (medians)"
+        f"{args.concurrency} in flight, one local HTTP sink, {where}, {cores} (medians)"
     )
     print(
         f"  outbox (receiver worker):  {median(outbox, 'rate'):>8,.0f} deliveries/s,"
