@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import httpx
+import orjson
 import typer
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
+from rich.table import Column, Table
 
 from receiver.config import Settings, load_settings
 from receiver.errors import ConfigError, ReceiverError
@@ -170,9 +171,7 @@ def worker(
 def migrate(
     existing: Annotated[
         bool,
-        typer.Option(
-            "--existing", help="Only upgrade a database that is there, never create one."
-        ),
+        typer.Option("--existing", help="Only upgrade a database that is there, never create one."),
     ] = False,
 ) -> None:
     """Create or upgrade the store's schema (SQLite or PostgreSQL)."""
@@ -338,16 +337,34 @@ def submit(
                 if all(j["status"] in TERMINAL for j in jobs.values()):
                     break
                 time.sleep(0.5)
-    table = Table("item", "job", "status", "prediction", title=f"{len(jobs)} submitted")
+    table = Table(
+        "item", *_ids("job"), "status", *_ids("prediction"), title=f"{len(jobs)} submitted"
+    )
     for job in jobs.values():
         table.add_row(job["item"], job["id"], job["status"], job.get("prediction_id") or "-")
     for item, reason in refused:
         table.add_row(item, "-", "[red]refused[/red]", reason)
-    out.print(table)
+    _print_table(table)
     unfinished = [j for j in jobs.values() if wait and j["status"] not in TERMINAL]
     failed = [j for j in jobs.values() if j["status"] in ("failed", "submit_failed", "timed_out")]
     if refused or failed or unfinished:
         raise typer.Exit(1)
+
+
+def _ids(*names: str) -> list[Column]:
+    """Table columns for ids: never cut (an id is copied into the next command)."""
+    return [Column(name, no_wrap=True, overflow="fold", min_width=12) for name in names]
+
+
+def _print_table(table: Table) -> None:
+    """A table at its natural width: in a narrow terminal its lines wrap rather than have
+    its columns (and ids) squeezed."""
+    natural = out.measure(table, options=out.options.update_width(10_000)).maximum
+    Console(width=max(out.width, natural), file=out.file).print(table)
+
+
+def _print_json(data: Any) -> None:
+    out.print_json(orjson.dumps(data).decode())
 
 
 @app.command("jobs")
@@ -355,22 +372,74 @@ def list_jobs(
     status: Annotated[str | None, typer.Option(help="Only this status.")] = None,
     domain: Annotated[str | None, typer.Option(help="Only this domain.")] = None,
     limit: Annotated[int, typer.Option(help="How many.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="The API's JSON, not a table.")] = False,
     url: ServiceUrl = "http://127.0.0.1:8000",
     token: AdminToken = None,
 ) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first (`receiver job ID` shows one)."""
     params = {k: v for k, v in {"status": status, "domain": domain, "limit": limit}.items() if v}
     with _client(url, token) as client:
         try:
             page = _call(client, "GET", "/v1/jobs", params=params)
         except _Refused as exc:
             fail(exc.reason)
-    table = Table("job", "domain", "status", "prediction", "created")
+    if as_json:
+        _print_json(page)
+        return
+    table = Table(*_ids("job"), "domain", "status", *_ids("prediction"), "created")
     for job in page["items"]:
         table.add_row(
             job["id"], job["domain"], job["status"], job["prediction_id"] or "-", job["created_at"]
         )
-    out.print(table)
+    _print_table(table)
+
+
+@app.command("job")
+def show_job(
+    job_id: Annotated[str, typer.Argument(help="The job's id (from `receiver jobs`).")],
+    as_json: Annotated[bool, typer.Option("--json", help="The API's JSON, not tables.")] = False,
+    url: ServiceUrl = "http://127.0.0.1:8000",
+    token: AdminToken = None,
+) -> None:
+    """One job: its status, each event it received, and each event's deliveries to sinks."""
+    with _client(url, token) as client:
+        try:
+            job = _call(client, "GET", f"/v1/jobs/{job_id}")
+        except _Refused as exc:
+            fail(f"job {job_id}: {exc.reason}")
+    if as_json:
+        _print_json(job)
+        return
+    out.print(
+        f"[bold]{job['id']}[/bold]  {job['kind']} {job['domain']}  status [bold]{job['status']}"
+        f"[/bold]  prediction {job['prediction_id'] or '-'}  created {job['created_at']}"
+    )
+    if job.get("error"):
+        out.print(f"[red]error:[/red] {job['error']}")
+    events = Table(*_ids("event"), "status", "source", "verified", "received", title="events")
+    deliveries = Table(
+        *_ids("delivery", "event"), "sink", "state", "attempts", "last error", title="deliveries"
+    )
+    for event in job["events"]:
+        events.add_row(
+            event["id"],
+            event["status"],
+            event["source"],
+            event["verification"],
+            event["received_at"],
+        )
+        for d in event.get("deliveries", []):
+            deliveries.add_row(
+                str(d["id"]),
+                event["id"],
+                d["sink"],
+                d["state"],
+                str(d["attempts"]),
+                d["last_error"] or "-",
+            )
+    _print_table(events)
+    if deliveries.row_count:
+        _print_table(deliveries)
 
 
 @app.command()
