@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 export RECEIVER_ADMIN_TOKEN ?= dev-admin-token
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test test-fast lint bench clean
 
 venv: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ lint: venv
 
 test: venv lint
 	$(BIN)/pytest -q -ra
+
+# Unit and in-process tiers only (no subprocess, no service): seconds, for every change.
+test-fast: venv
+	$(BIN)/pytest -q tests/unit tests/inprocess
 
 bench: venv
 	$(BIN)/python bench/ingest.py

@@ -1,0 +1,56 @@
+"""The admin API, in process: its token, its listings and its clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.inprocess.conftest import ADMIN, Service
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer wrong", "Basic inprocess-admin"])
+async def test_every_admin_route_needs_the_token(service: Service, auth: str | None) -> None:
+    """Without the admin token, or with a wrong one, every /v1 route answers 401."""
+    headers = {"Authorization": auth} if auth else {}
+    for method, path in [
+        ("GET", "/v1/jobs"),
+        ("POST", "/v1/jobs"),
+        ("GET", "/v1/jobs/job_x"),
+        ("GET", "/v1/deliveries"),
+        ("GET", "/v1/events/evt_x"),
+        ("POST", "/v1/deliveries/1/retry"),
+    ]:
+        answer = await service.client.request(method, path, headers=headers)
+        assert answer.status_code == 401, (method, path)
+
+
+async def test_jobs_list_newest_first_and_pages(service: Service) -> None:
+    """Jobs list newest first; a cursor fetches the next page; an unknown job is 404."""
+    ids = []
+    for _ in range(3):
+        ids.append((await service.submit())["id"])
+        service.clock.now += 1
+    first = (await service.client.get("/v1/jobs?limit=2", headers=ADMIN)).json()
+    assert [j["id"] for j in first["items"]] == ids[::-1][:2]
+    cursor = first["next_cursor"]
+    rest = (await service.client.get(f"/v1/jobs?limit=2&cursor={cursor}", headers=ADMIN)).json()
+    assert [j["id"] for j in rest["items"]] == [ids[0]] and rest["next_cursor"] is None
+    missing = await service.client.get("/v1/jobs/job_nope", headers=ADMIN)
+    assert missing.status_code == 404 and missing.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"url": "https://e.test/a.pdf"}, "`domain` is required"),
+        ({"domain": "document.invoice"}, "exactly one of"),
+        ({"url": "ftp://e.test/a", "domain": "a.b"}, "http(s) URL"),
+        ({"url": "https://e.test/a", "domain": "a.b", "kind": "text"}, "`kind` must be one of"),
+        ({"url": "https://e.test/a", "domain": "a.b", "config": {"detail": "x"}}, "config.detail"),
+    ],
+)
+async def test_a_bad_submission_is_422_naming_the_fix(
+    service: Service, body: dict[str, object], words: str
+) -> None:
+    """A submission missing or misnaming a field is refused with the field named."""
+    answer = await service.client.post("/v1/jobs", json=body, headers=ADMIN)
+    assert answer.status_code == 422 and words in answer.json()["error"]
