@@ -27,11 +27,12 @@ import structlog
 import uvicorn
 from standardwebhooks import Webhook
 
+from receiver.breaker import Breaker
 from receiver.config import SinkConfig
 from receiver.errors import StoreUnavailable
 from receiver.metrics import Metrics
 from receiver.models import Delivery, Incoming, Job, Route, hash_token, new_callback_token, new_id
-from receiver.outbox import Breaker, Dispatcher, RetryPolicy
+from receiver.outbox import Dispatcher, RetryPolicy
 from receiver.sinks import Message, Receipt, Sink, open_sink
 from receiver.store import Store, open_store
 from tests.conftest import read_body

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 
-from receiver.outbox import SVIX_SCHEDULE, Breaker, RetryPolicy
+from receiver.breaker import Breaker
+from receiver.retry import SVIX_SCHEDULE, RetryPolicy
 
 
 def test_default_schedule_is_svix_with_jitter() -> None:
