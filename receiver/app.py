@@ -19,7 +19,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from receiver import logs
@@ -31,7 +31,7 @@ from receiver.models import new_id
 from receiver.outbox import Dispatcher, RetryPolicy
 from receiver.proxy import ProxyHeaders, mount
 from receiver.reconcile import Reconciler
-from receiver.routes import JSON, BadRequest, Services, deliveries, error, jobs, ops
+from receiver.routes import JSON, AdminOnly, BadRequest, Services, deliveries, error, jobs, ops
 from receiver.routes.callbacks import CALLBACK_PATH, CallbackEndpoint
 from receiver.routes.openapi import openapi
 from receiver.sinks import open_sink
@@ -248,14 +248,20 @@ def create_app(
                 logs.flush()
 
     # The callback route first: the router tries routes in order, and it is the hot path.
-    routes = [] if ops_only else [Route(CALLBACK_PATH, CallbackEndpoint(svc), methods=["POST"])]
+    routes: list[BaseRoute] = (
+        [] if ops_only else [Route(CALLBACK_PATH, CallbackEndpoint(svc), methods=["POST"])]
+    )
     routes += [
         Route("/healthz", ops.healthz),
         Route("/readyz", ops.readyz),
         Route("/metrics", ops.metrics),
     ]
     if not ops_only:
-        routes += [Route("/openapi.json", openapi), *jobs.routes, *deliveries.routes]
+        admin = [Middleware(AdminOnly, token=settings.admin_token)]
+        routes += [
+            Route("/openapi.json", openapi),
+            Mount("/v1", routes=[*jobs.routes, *deliveries.routes], middleware=admin),
+        ]
     restrict_hosts = "*" not in settings.allowed_hosts
     # Client address and scheme come from X-Forwarded-*/Forwarded only from a trusted proxy.
     prefix = settings.root_path.rstrip("/")

@@ -31,6 +31,11 @@ STATUS_RANK: dict[str, int] = {
 }
 UNKNOWN_STATUS_RANK = 20
 JOB_KINDS = ("document", "image", "audio", "video")
+# A VLM Run domain: `kind.name` (document.invoice, healthcare.patient-intake, ...). The list
+# changes over time, so any name of this shape is accepted.
+DOMAIN_PATTERN = r"^[a-z0-9][a-z0-9_-]*\.[a-z0-9][a-z0-9_.-]*$"
+PAGE_MAX = 500  # items per page of any listing
+PAGE_DEFAULT = 50
 
 # Job statuses of our own: still submitting, refused by the API, or given up on. The last two
 # are settled (nothing more is expected) but rank below the API's own final statuses, so a

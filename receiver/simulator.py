@@ -41,6 +41,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from receiver.models import DOMAIN_PATTERN
+
 log = structlog.get_logger(__name__)
 
 Json = dict[str, Any]
@@ -56,7 +58,7 @@ STATS = (  # the counters in app.state.stats
     "callbacks_duplicated",
 )
 ELEMENT_TYPES = {"document": "page", "image": "image", "audio": "audio", "video": "video"}
-_DOMAIN = re.compile(r"^[\w-]+\.[\w.-]+$")
+_DOMAIN = re.compile(DOMAIN_PATTERN)
 _MAGIC = re.compile(r"^simulate\.error-([45]\d\d)$")
 _ERRORS = {  # status -> (error type, message), as the real API words them
     400: ("invalid_request_error", "Bad request: the input could not be processed."),

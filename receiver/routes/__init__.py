@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from receiver.config import Settings
 from receiver.metrics import Metrics
@@ -49,22 +51,33 @@ def services(request: Request) -> Services:
     return svc
 
 
-def admin_refusal(request: Request) -> JSON | None:
-    """None when the request carries the admin bearer token (compared in constant time)."""
-    expected = services(request).settings.admin_token
-    if expected is None:
-        return error(401, "admin API disabled: set RECEIVER_ADMIN_TOKEN")
-    given = request.headers.get("authorization", "")
-    scheme, _, token = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        token.strip().encode(), expected.get_secret_value().encode()
-    ):
-        return JSON(
+class AdminOnly:
+    """ASGI middleware for everything under `/v1`: the admin bearer token (compared in
+    constant time) or 401, before any handler runs."""
+
+    def __init__(self, app: ASGIApp, token: SecretStr | None) -> None:
+        self.app = app
+        self.expected = f"bearer {token.get_secret_value()}".encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.expected is None:
+            refusal = error(401, "admin API disabled: set RECEIVER_ADMIN_TOKEN")
+            await refusal(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, token = given.partition(b" ")
+        if hmac.compare_digest(scheme.lower() + b" " + token.strip(), self.expected):
+            await self.app(scope, receive, send)
+            return
+        refusal = JSON(
             {"error": "missing or wrong bearer token"},
             status_code=401,
             headers={"WWW-Authenticate": "Bearer"},
         )
-    return None
+        await refusal(scope, receive, send)
 
 
 def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:

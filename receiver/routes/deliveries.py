@@ -17,8 +17,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from receiver.models import DeliveryState
-from receiver.routes import JSON, BadRequest, admin_refusal, error, int_param, services
+from receiver.models import PAGE_DEFAULT, PAGE_MAX, DeliveryState
+from receiver.routes import JSON, BadRequest, error, int_param, services
 
 STATES = {s.value for s in DeliveryState}
 # Delivery ids and cursors: ASCII digits that fit a 64-bit integer (str.isdigit also takes "²").
@@ -64,8 +64,6 @@ def _since(value: Any) -> float | None:
 
 
 async def list_deliveries(request: Request) -> Response:
-    if (refusal := admin_refusal(request)) is not None:
-        return refusal
     state = request.query_params.get("state")
     if state is not None and state not in STATES:
         raise BadRequest(f"`state` must be one of {', '.join(sorted(STATES))}", 422)
@@ -73,14 +71,15 @@ async def list_deliveries(request: Request) -> Response:
     if cursor is not None and not _ROW_ID.fullmatch(cursor):
         raise BadRequest("`cursor` must come from a previous page's next_cursor", 422)
     page = await services(request).store.list_deliveries(
-        state, request.query_params.get("sink"), int_param(request, "limit", 50, 1, 500), cursor
+        state,
+        request.query_params.get("sink"),
+        int_param(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX),
+        cursor,
     )
     return JSON({"items": [d.to_api() for d in page.items], "next_cursor": page.next_cursor})
 
 
 async def retry_delivery(request: Request) -> Response:
-    if (refusal := admin_refusal(request)) is not None:
-        return refusal
     raw = request.path_params["delivery_id"]
     if not _ROW_ID.fullmatch(raw):
         return error(404, "no such delivery")
@@ -94,8 +93,6 @@ async def retry_delivery(request: Request) -> Response:
 async def replay_event(request: Request) -> Response:
     """Deliver one event again: to `sink` (even one it never went to, e.g. added since), or
     to every configured sink whose filters take it."""
-    if (refusal := admin_refusal(request)) is not None:
-        return refusal
     svc = services(request)
     event_id = request.path_params["event_id"]
     event = await svc.store.get_event(event_id)
@@ -119,8 +116,6 @@ async def replay_event(request: Request) -> Response:
 
 async def replay_dead(request: Request) -> Response:
     """Replay everything dead for one sink, optionally only what died since a time."""
-    if (refusal := admin_refusal(request)) is not None:
-        return refusal
     data = await _json_body(request)
     sink = _sink(request, data, required=True)
     svc = services(request)
@@ -129,8 +124,6 @@ async def replay_dead(request: Request) -> Response:
 
 
 async def get_event(request: Request) -> Response:
-    if (refusal := admin_refusal(request)) is not None:
-        return refusal
     event = await services(request).store.get_event(request.path_params["event_id"])
     if event is None:
         return error(404, "no such event")
@@ -138,9 +131,9 @@ async def get_event(request: Request) -> Response:
 
 
 routes = [
-    Route("/v1/deliveries", list_deliveries, methods=["GET"]),
-    Route("/v1/deliveries/replay", replay_dead, methods=["POST"]),
-    Route("/v1/deliveries/{delivery_id}/retry", retry_delivery, methods=["POST"]),
-    Route("/v1/events/{event_id}", get_event, methods=["GET"]),
-    Route("/v1/events/{event_id}/replay", replay_event, methods=["POST"]),
+    Route("/deliveries", list_deliveries, methods=["GET"]),
+    Route("/deliveries/replay", replay_dead, methods=["POST"]),
+    Route("/deliveries/{delivery_id}/retry", retry_delivery, methods=["POST"]),
+    Route("/events/{event_id}", get_event, methods=["GET"]),
+    Route("/events/{event_id}/replay", replay_event, methods=["POST"]),
 ]

@@ -19,7 +19,10 @@ from starlette.types import Message
 from receiver import logs
 from receiver.errors import VlmRunError
 from receiver.models import (
+    DOMAIN_PATTERN,
     JOB_KINDS,
+    PAGE_DEFAULT,
+    PAGE_MAX,
     SUBMIT_FAILED,
     SUBMITTING,
     Job,
@@ -27,12 +30,11 @@ from receiver.models import (
     new_callback_token,
     new_id,
 )
-from receiver.routes import JSON, BadRequest, Services, admin_refusal, error, int_param, services
+from receiver.routes import JSON, BadRequest, Services, error, int_param, services
 from receiver.vlmrun import GenerationConfig, RequestMetadata, generate_request
 
 log = structlog.get_logger("receiver.jobs")
-DOMAIN = re.compile(r"^[a-z0-9][a-z0-9_-]*\.[a-z0-9][a-z0-9_.-]*$")
-PAGE_MAX = 500
+DOMAIN = re.compile(DOMAIN_PATTERN)
 # Deep enough for any JSON schema in `config`; what is kept must also be written back out, and
 # orjson writes at most 254 levels.
 MAX_NESTING = 64
@@ -201,8 +203,6 @@ async def _read_submission(request: Request, svc: Services) -> tuple[dict[str, A
 
 
 async def create_job(request: Request) -> Response:
-    if (refusal := admin_refusal(request)) is not None:
-        return refusal
     svc = services(request)
     data, upload = await _read_submission(request, svc)
     sub = validate_submission(data, upload is not None)
@@ -266,26 +266,22 @@ async def create_job(request: Request) -> Response:
     )
     svc.metrics.submissions.labels("accepted").inc()
     log.info("job.submitted", job_id=job.id, prediction_id=prediction_id, domain=job.domain)
-    location = f"{request.scope.get('root_path', '')}/v1/jobs/{job.id}"
+    location = f"{request.scope.get('root_path', '')}/jobs/{job.id}"  # root_path ends in /v1
     return JSON(job.to_api(), status_code=201, headers={"Location": location})
 
 
 async def list_jobs(request: Request) -> Response:
-    if (refusal := admin_refusal(request)) is not None:
-        return refusal
     svc = services(request)
     page = await svc.store.list_jobs(
         request.query_params.get("status"),
         request.query_params.get("domain"),
-        int_param(request, "limit", 50, 1, PAGE_MAX),
+        int_param(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX),
         request.query_params.get("cursor"),
     )
     return JSON({"items": [j.to_api() for j in page.items], "next_cursor": page.next_cursor})
 
 
 async def get_job(request: Request) -> Response:
-    if (refusal := admin_refusal(request)) is not None:
-        return refusal
     found = await services(request).store.get_job(request.path_params["job_id"])
     if found is None:
         return error(404, "no such job")
@@ -302,6 +298,6 @@ async def jobs_collection(request: Request) -> Response:
 
 
 routes = [
-    Route("/v1/jobs", jobs_collection, methods=["GET", "POST"]),
-    Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
+    Route("/jobs", jobs_collection, methods=["GET", "POST"]),
+    Route("/jobs/{job_id}", get_job, methods=["GET"]),
 ]

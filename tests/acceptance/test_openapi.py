@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from receiver.app import create_app
 from receiver.config import Settings
@@ -47,13 +47,17 @@ def operations(document: dict[str, Any]) -> set[tuple[str, str]]:
 def test_every_route_is_in_the_document_and_nothing_else(tmp_path: Path) -> None:
     """The document describes exactly the operations the app routes: none missing, none extra."""
     app = create_app(Settings(database_url=f"sqlite:///{tmp_path}/r.db"))
-    routed = {
-        (method, route.path)
-        for route in app.routes
-        if isinstance(route, Route)
-        for method in (route.methods or ())
-        if method != "HEAD"
-    }
+
+    def operations_of(routes: list[Any], prefix: str = "") -> set[tuple[str, str]]:
+        found = set()
+        for route in routes:
+            if isinstance(route, Mount):
+                found |= operations_of(route.routes, prefix + route.path)
+            elif isinstance(route, Route):
+                found |= {(m, prefix + route.path) for m in route.methods or () if m != "HEAD"}
+        return found
+
+    routed = operations_of(app.routes)
 
     async def served() -> dict[str, Any]:
         transport = httpx.ASGITransport(app=app)

@@ -73,6 +73,7 @@ class Service:
         )
         assert r.status_code == 201, r.text
         job: dict[str, Any] = r.json()
+        assert r.headers["location"] == f"/v1/jobs/{job['id']}"
         return job
 
     async def callback(self, pred: str, body: bytes, **headers: str) -> httpx.Response:
