@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal, get_args
 
 import orjson
 
@@ -30,7 +30,8 @@ STATUS_RANK: dict[str, int] = {
     "failed": 30,
 }
 UNKNOWN_STATUS_RANK = 20
-JOB_KINDS = ("document", "image", "audio", "video")
+JobKind = Literal["document", "image", "audio", "video"]  # which /<kind>/generate VLM Run runs
+JOB_KINDS: tuple[str, ...] = get_args(JobKind)
 # A VLM Run domain: `kind.name` (document.invoice, healthcare.patient-intake, ...). The list
 # changes over time, so any name of this shape is accepted.
 DOMAIN_PATTERN = r"^[a-z0-9][a-z0-9_-]*\.[a-z0-9][a-z0-9_.-]*$"

@@ -5,18 +5,21 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from receiver.config import Settings
 from receiver.metrics import Metrics
+from receiver.routes.schemas import reason
 from receiver.store import Store
 from receiver.vlmrun import VlmRunClient
+
+Model = TypeVar("Model", bound=BaseModel)
 
 
 @dataclass
@@ -80,17 +83,12 @@ class AdminOnly:
         await refusal(scope, receive, send)
 
 
-def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
+def parse(model: type[Model], data: Any, status: int) -> Model:
+    """`data` as `model`, or BadRequest(status) naming the first field to fix."""
     try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"`{name}` must be an integer") from None
-    if not low <= value <= high:
-        raise BadRequest(f"`{name}` must be between {low} and {high}")
-    return value
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(reason(exc, model), status) from None
 
 
 class BadRequest(Exception):

@@ -17,12 +17,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from receiver.models import PAGE_DEFAULT, PAGE_MAX, DeliveryState
-from receiver.routes import JSON, BadRequest, error, int_param, services
+from receiver.routes import JSON, BadRequest, error, parse, services
+from receiver.routes.schemas import ROW_ID_PATTERN, DeliveriesQuery, ReplayDead, ReplayEvent
 
-STATES = {s.value for s in DeliveryState}
-# Delivery ids and cursors: ASCII digits that fit a 64-bit integer (str.isdigit also takes "²").
-_ROW_ID = re.compile(r"[0-9]{1,18}")
+_ROW_ID = re.compile(ROW_ID_PATTERN)  # str.isdigit would also take "²"
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -38,50 +36,30 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return data
 
 
-def _sink(request: Request, data: dict[str, Any], required: bool) -> str | None:
-    sink = data.get("sink")
-    if sink is None:
-        if required:
-            raise BadRequest("`sink` is required", 422)
-        return None
-    if sink not in services(request).sink_names:
+def _configured(request: Request, sink: str | None) -> None:
+    if sink is not None and sink not in services(request).sink_names:
         raise BadRequest(f"no sink named {sink!r} is configured", 422)
-    return str(sink)
 
 
-def _since(value: Any) -> float | None:
-    if value is None:
+def _utc(when: datetime | None) -> float | None:
+    if when is None:
         return None
-    try:
-        when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        raise BadRequest(
-            "`since` must be an ISO-8601 time, e.g. 2026-11-24T08:00:00Z", 422
-        ) from None
     if when.tzinfo is None:  # the API speaks UTC; never the server's local time
         when = when.replace(tzinfo=UTC)
     return when.timestamp()
 
 
 async def list_deliveries(request: Request) -> Response:
-    state = request.query_params.get("state")
-    if state is not None and state not in STATES:
-        raise BadRequest(f"`state` must be one of {', '.join(sorted(STATES))}", 422)
-    cursor = request.query_params.get("cursor")
-    if cursor is not None and not _ROW_ID.fullmatch(cursor):
-        raise BadRequest("`cursor` must come from a previous page's next_cursor", 422)
+    query = parse(DeliveriesQuery, dict(request.query_params), 400)
     page = await services(request).store.list_deliveries(
-        state,
-        request.query_params.get("sink"),
-        int_param(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX),
-        cursor,
+        query.state, query.sink, query.limit, query.cursor
     )
     return JSON({"items": [d.to_api() for d in page.items], "next_cursor": page.next_cursor})
 
 
 async def retry_delivery(request: Request) -> Response:
     raw = request.path_params["delivery_id"]
-    if not _ROW_ID.fullmatch(raw):
+    if not _ROW_ID.match(raw):
         return error(404, "no such delivery")
     svc = services(request)
     count = await svc.store.requeue(svc.clock(), delivery_id=int(raw), only_dead=False)
@@ -98,7 +76,8 @@ async def replay_event(request: Request) -> Response:
     event = await svc.store.get_event(event_id)
     if event is None:
         return error(404, "no such event")
-    sink = _sink(request, await _json_body(request), required=False)
+    sink = parse(ReplayEvent, await _json_body(request), 422).sink
+    _configured(request, sink)
     targets = (
         [sink]
         if sink
@@ -116,10 +95,10 @@ async def replay_event(request: Request) -> Response:
 
 async def replay_dead(request: Request) -> Response:
     """Replay everything dead for one sink, optionally only what died since a time."""
-    data = await _json_body(request)
-    sink = _sink(request, data, required=True)
+    replay = parse(ReplayDead, await _json_body(request), 422)
+    _configured(request, replay.sink)
     svc = services(request)
-    count = await svc.store.requeue(svc.clock(), sink=sink, since=_since(data.get("since")))
+    count = await svc.store.requeue(svc.clock(), sink=replay.sink, since=_utc(replay.since))
     return JSON({"requeued": count}, status_code=202)
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import base64
 import mimetypes
-import re
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 import structlog
-from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,10 +17,6 @@ from starlette.types import Message
 from receiver import logs
 from receiver.errors import VlmRunError
 from receiver.models import (
-    DOMAIN_PATTERN,
-    JOB_KINDS,
-    PAGE_DEFAULT,
-    PAGE_MAX,
     SUBMIT_FAILED,
     SUBMITTING,
     Job,
@@ -30,85 +24,27 @@ from receiver.models import (
     new_callback_token,
     new_id,
 )
-from receiver.routes import JSON, BadRequest, Services, error, int_param, services
+from receiver.routes import JSON, BadRequest, Services, error, parse, services
+from receiver.routes.schemas import JobsQuery, Submission
 from receiver.vlmrun import GenerationConfig, RequestMetadata, generate_request
 
 log = structlog.get_logger("receiver.jobs")
-DOMAIN = re.compile(DOMAIN_PATTERN)
-# Deep enough for any JSON schema in `config`; what is kept must also be written back out, and
-# orjson writes at most 254 levels.
-MAX_NESTING = 64
 MULTIPART_SLACK = 64 * 1024  # the form's framing and fields around a file at the limit
-Model = TypeVar("Model", bound=BaseModel)
-
-
-def _object(value: Any, name: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if isinstance(value, str):  # multipart fields carry JSON as text
-        try:
-            value = orjson.loads(value)
-        except orjson.JSONDecodeError:
-            raise BadRequest(f"`{name}` must be a JSON object", 422) from None
-    if not isinstance(value, dict):
-        raise BadRequest(f"`{name}` must be a JSON object", 422)
-    if _deeper_than(value, MAX_NESTING):
-        raise BadRequest(f"`{name}` is nested deeper than {MAX_NESTING} levels", 422)
-    return value
-
-
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether objects and arrays in `value` nest more than `limit` levels (no recursion)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth > limit:
-                return True
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return False
-
-
-def _model(model: type[Model], value: dict[str, Any], name: str) -> Model:
-    try:
-        return model.model_validate(value)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in (name, *first["loc"]))
-        raise BadRequest(f"`{where}`: {first['msg']}", 422) from None
 
 
 def validate_submission(data: dict[str, Any], has_file: bool) -> dict[str, Any]:
-    """The submission as the job will keep it, or BadRequest naming the field to fix."""
-    kind = data.get("kind")
-    kind = "document" if kind is None else kind
-    if kind not in JOB_KINDS:
-        raise BadRequest(f"`kind` must be one of {', '.join(JOB_KINDS)}", 422)
-    domain = data.get("domain")
-    if not isinstance(domain, str) or not DOMAIN.match(domain):
-        raise BadRequest("`domain` is required, like document.invoice", 422)
-    for key in ("url", "file_id"):
-        value = data.get(key)
-        if value is not None and (not isinstance(value, str) or not value):
-            raise BadRequest(f"`{key}` must be a non-empty string", 422)
-    sources = [k for k in ("url", "file_id") if data.get(k)] + (["file"] if has_file else [])
-    if len(sources) != 1:
+    """The submission as the job will keep it (config and metadata as given), or BadRequest
+    naming the field to fix."""
+    sub = parse(Submission, data, 422)
+    if len(sub.sources(has_file)) != 1:
         raise BadRequest("give exactly one of `url`, `file_id` or a `file` upload", 422)
-    if data.get("url") and not str(data["url"]).startswith(("http://", "https://")):
-        raise BadRequest("`url` must be an http(s) URL", 422)
-    config, metadata = (
-        _object(data.get("config"), "config"),
-        _object(data.get("metadata"), "metadata"),
-    )
-    _model(GenerationConfig, config, "config")
-    _model(RequestMetadata, metadata, "metadata")
+    metadata = sub.metadata.model_dump(mode="json", exclude_unset=True) if sub.metadata else {}
     return {
-        "kind": kind,
-        "domain": domain,
-        "url": data.get("url"),
-        "file_id": data.get("file_id"),
-        "config": config,
+        "kind": sub.kind,
+        "domain": sub.domain,
+        "url": sub.url,
+        "file_id": sub.file_id,
+        "config": sub.config.model_dump(mode="json", exclude_unset=True),
         "metadata": metadata,
     }
 
@@ -272,12 +208,8 @@ async def create_job(request: Request) -> Response:
 
 async def list_jobs(request: Request) -> Response:
     svc = services(request)
-    page = await svc.store.list_jobs(
-        request.query_params.get("status"),
-        request.query_params.get("domain"),
-        int_param(request, "limit", PAGE_DEFAULT, 1, PAGE_MAX),
-        request.query_params.get("cursor"),
-    )
+    query = parse(JobsQuery, dict(request.query_params), 400)
+    page = await svc.store.list_jobs(query.status, query.domain, query.limit, query.cursor)
     return JSON({"items": [j.to_api() for j in page.items], "next_cursor": page.next_cursor})
 
 

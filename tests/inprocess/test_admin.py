@@ -38,13 +38,22 @@ async def test_jobs_list_newest_first_and_pages(service: Service) -> None:
     assert missing.status_code == 404 and missing.json()["error"]
 
 
+def nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = {"next": value}
+    return value
+
+
 @pytest.mark.parametrize(
     ("body", "words"),
     [
-        ({"url": "https://e.test/a.pdf"}, "`domain` is required"),
+        ({"url": "https://e.test/a.pdf"}, "`domain`: Field required (a VLM Run domain"),
+        ({"url": "https://e.test/a.pdf", "domain": "Invoice"}, "like document.invoice"),
         ({"domain": "document.invoice"}, "exactly one of"),
-        ({"url": "ftp://e.test/a", "domain": "a.b"}, "http(s) URL"),
-        ({"url": "https://e.test/a", "domain": "a.b", "kind": "text"}, "`kind` must be one of"),
+        ({"url": "ftp://e.test/a", "domain": "a.b"}, "`url`: String should match pattern"),
+        ({"url": "https://e.test/a", "domain": "a.b", "kind": "text"}, "`kind`: Input should be"),
+        ({"url": "https://e.test/a", "domain": "a.b", "config": nested(65)}, "deeper than 64"),
         ({"url": "https://e.test/a", "domain": "a.b", "config": {"detail": "x"}}, "config.detail"),
     ],
 )
