@@ -15,12 +15,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 from collections.abc import Callable
-from typing import Any
 
-from starlette.types import Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 # RFC 7239: `Forwarded: for=192.0.2.43;proto=https, for="[2001:db8::1]:4711"`.
@@ -59,12 +59,37 @@ def _node(value: str) -> tuple[str, int] | None:
     return host, int(port) if port.isdigit() else 0
 
 
-class ProxyHeaders(ProxyHeadersMiddleware):
-    """uvicorn's `X-Forwarded-For`/`-Proto` handling for trusted proxies, plus RFC 7239
-    `Forwarded`, read only when the request carries no `X-Forwarded-For` (a proxy that sets
-    one header should remove the other, or a client could choose which one is believed)."""
+def trusted(hosts: list[str]) -> Callable[[str], bool]:
+    """Whether a peer address is one of `hosts` (addresses or networks; `*`: any)."""
+    if "*" in hosts:
+        return lambda address: True
+    networks = []
+    for host in hosts:
+        with contextlib.suppress(ValueError):  # a name, not an address: never a socket peer
+            networks.append(ipaddress.ip_network(host, strict=False))
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    def is_trusted(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in networks)
+
+    return is_trusted
+
+
+class ProxyHeaders:
+    """Client address and scheme from a trusted proxy's headers: RFC 7239 `Forwarded` when the
+    request carries no `X-Forwarded-For` (a proxy that sets one header should remove the other,
+    or a client could choose which one is believed), else uvicorn's `X-Forwarded-For`/`-Proto`
+    middleware, which this wraps."""
+
+    def __init__(self, app: ASGIApp, trusted_hosts: list[str]) -> None:
+        self.app = app
+        self.x_forwarded = ProxyHeadersMiddleware(app, trusted_hosts)  # type: ignore[arg-type]
+        self.trusted = trusted(trusted_hosts)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
             forwarded: list[bytes] = []
             for name, value in scope["headers"]:
@@ -74,20 +99,20 @@ class ProxyHeaders(ProxyHeadersMiddleware):
                     forwarded.append(value)
             else:
                 peer = scope.get("client")
-                if forwarded and peer and peer[0] in self.trusted_hosts:
+                if forwarded and peer and self.trusted(peer[0]):
                     self._apply(scope, b",".join(forwarded).decode("latin-1"))
                     await self.app(scope, receive, send)
                     return
-        await super().__call__(scope, receive, send)
+        await self.x_forwarded(scope, receive, send)  # type: ignore[arg-type]
 
-    def _apply(self, scope: Any, header: str) -> None:
+    def _apply(self, scope: Scope, header: str) -> None:
         elements = forwarded_elements(header)
         if not elements:
             return
         chosen = elements[0]  # every hop trusted: the first is the client
         for element in reversed(elements):
             node = _node(element.get("for", ""))
-            if node is None or node[0] not in self.trusted_hosts:
+            if node is None or not self.trusted(node[0]):
                 chosen = element
                 break
         node = _node(chosen.get("for", ""))
@@ -96,19 +121,6 @@ class ProxyHeaders(ProxyHeadersMiddleware):
         proto = chosen.get("proto", "").lower()
         if proto in ("http", "https"):
             scope["scheme"] = proto if scope["type"] == "http" else proto.replace("http", "ws")
-
-
-def host_matcher(allowed: list[str]) -> Callable[[Scope], bool]:
-    """The `Host` check of Starlette's TrustedHostMiddleware, for the callback fast path."""
-    exact = {h for h in allowed if not h.startswith("*")}
-    suffixes = tuple(h[1:] for h in allowed if h.startswith("*."))
-
-    def allowed_host(scope: Scope) -> bool:
-        host = next((v for k, v in scope["headers"] if k == b"host"), b"").decode("latin-1")
-        host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        return host in exact or (bool(suffixes) and host.endswith(suffixes))
-
-    return allowed_host
 
 
 def mount(scope: Scope, prefix: str) -> None:
