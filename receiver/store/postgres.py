@@ -82,6 +82,10 @@ _pg = functools.cache(sql.numbered)
 
 _JOBS_BY_TOKEN = "SELECT token_hash, id FROM jobs WHERE token_hash = ANY($1::text[])"
 _APPLIED = "INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, $3)"
+_PROBE = (
+    "UPDATE schema_version SET applied_at = applied_at"
+    " WHERE version = (SELECT max(version) FROM schema_version)"
+)
 
 
 class _Rows:
@@ -207,8 +211,10 @@ class PostgresStore:
                 pool.terminate()  # a connection still checked out: do not hang on shutdown
 
     async def ping(self) -> None:
-        async with self._conn() as conn:
-            await conn.fetchval("SELECT 1")
+        """Raise unless the database takes a write: a real one (a row rewritten as it is), so
+        a full disk or a read-only database fails readiness, which passes again by itself."""
+        async with self._tx() as conn:
+            await conn.execute(_PROBE)
 
     async def migrate(self) -> int:
         async with self._tx() as conn:

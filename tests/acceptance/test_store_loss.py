@@ -17,6 +17,7 @@ import pytest
 from tests.acceptance.conftest import (
     FakeVlmRun,
     Process,
+    _pg_admin,
     api_env,
     signed,
     submit,
@@ -84,5 +85,32 @@ def test_readyz_fails_while_writes_fail_and_passes_again_by_itself(
     finally:
         resource.prlimit(pid, resource.RLIMIT_FSIZE, before)
     wait_for(lambda: ready(service) == 200, 10, "/readyz to pass again")
+    answer = httpx.post(url, content=body, headers=signed(body))
+    assert answer.status_code == 200 and answer.json()["status"] == "recorded"
+
+
+def test_postgresql_readyz_fails_while_writes_fail_and_passes_again(
+    start_service: Callable[..., Process], fake_vlmrun: FakeVlmRun, postgres_database: str
+) -> None:
+    """On PostgreSQL made read-only (writes refused, as on a full disk) callbacks get 503 and
+    /readyz fails; once writes are allowed again /readyz passes by itself."""
+    name = postgres_database.rsplit("/", 1)[1]
+    service = start_service(
+        "serve", env=api_env(fake_vlmrun.url, RECEIVER_DATABASE_URL=postgres_database)
+    )
+    (job,) = submit(service)
+    pred = str(job["prediction_id"])
+    body = orjson.dumps({"id": pred, "status": "completed"})
+    url = fake_vlmrun.callback_urls[pred]
+    kick = f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+    _pg_admin(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    _pg_admin(kick)  # new connections, with the new default
+    try:
+        wait_for(lambda: ready(service) == 503, 15, "/readyz to fail")
+        assert httpx.post(url, content=body, headers=signed(body)).status_code == 503
+    finally:
+        _pg_admin(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+        _pg_admin(kick)
+    wait_for(lambda: ready(service) == 200, 15, "/readyz to pass again")
     answer = httpx.post(url, content=body, headers=signed(body))
     assert answer.status_code == 200 and answer.json()["status"] == "recorded"
