@@ -52,7 +52,7 @@ def _utc(when: datetime | None) -> float | None:
 async def list_deliveries(request: Request) -> Response:
     query = parse(DeliveriesQuery, dict(request.query_params), 400)
     page = await services(request).store.list_deliveries(
-        query.state, query.sink, query.limit, query.cursor
+        query.state, query.sink, query.limit, query.cursor, query.event_id
     )
     return JSON({"items": [d.to_api() for d in page.items], "next_cursor": page.next_cursor})
 

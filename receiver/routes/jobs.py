@@ -17,6 +17,7 @@ from starlette.types import Message
 from receiver import logs
 from receiver.errors import VlmRunError
 from receiver.models import (
+    PAGE_MAX,
     SUBMIT_FAILED,
     SUBMITTING,
     Job,
@@ -219,7 +220,13 @@ async def get_job(request: Request) -> Response:
         return error(404, "no such job")
     job, events = found
     logs.bind(job_id=job.id, prediction_id=job.prediction_id)
-    return JSON({**job.to_api(), "events": [e.to_api(with_body=True) for e in events]})
+    store, shown = services(request).store, []
+    for event in events:  # a handful: one per state the job went through
+        deliveries = await store.list_deliveries(None, None, PAGE_MAX, None, event_id=event.id)
+        shown.append(
+            event.to_api(with_body=True) | {"deliveries": [d.to_api() for d in deliveries.items]}
+        )
+    return JSON({**job.to_api(), "events": shown})
 
 
 async def jobs_collection(request: Request) -> Response:

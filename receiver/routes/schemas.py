@@ -116,6 +116,7 @@ class JobsQuery(BaseModel):
 class DeliveriesQuery(BaseModel):
     state: DeliveryState | None = Field(None, description="only this state")
     sink: str | None = Field(None, description="only this sink")
+    event_id: str | None = Field(None, description="only this event's")
     limit: int = Field(PAGE_DEFAULT, ge=1, le=PAGE_MAX, description="page size")
     cursor: Annotated[str, Field(pattern=ROW_ID_PATTERN)] | None = Field(
         None, description="`next_cursor` of the previous page"
@@ -183,8 +184,12 @@ class Event(BaseModel):
     )
 
 
+class EventWithDeliveries(Event):
+    deliveries: list[Delivery] = Field(description="the event's deliveries, one per sink")
+
+
 class JobWithEvents(Job):
-    events: list[Event]
+    events: list[EventWithDeliveries]
 
 
 class SubmitFailed(BaseModel):

@@ -99,7 +99,12 @@ class Outbox(Protocol):
         ...
 
     async def list_deliveries(
-        self, state: str | None, sink: str | None, limit: int, cursor: str | None
+        self,
+        state: str | None,
+        sink: str | None,
+        limit: int,
+        cursor: str | None,
+        event_id: str | None = None,
     ) -> Page: ...
 
     async def wait_for_work(self, timeout: float) -> None:

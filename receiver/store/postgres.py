@@ -369,11 +369,16 @@ class PostgresStore:
         return count
 
     async def list_deliveries(
-        self, state: str | None, sink: str | None, limit: int, cursor: str | None
+        self,
+        state: str | None,
+        sink: str | None,
+        limit: int,
+        cursor: str | None,
+        event_id: str | None = None,
     ) -> Page:
         query, params = sql.page_query(
             f"SELECT {sql.DELIVERY_COLUMNS} FROM deliveries",
-            {"state": state, "sink": sink},
+            {"state": state, "sink": sink, "event_id": event_id},
             int(cursor) if cursor else None,
             limit,
         )

@@ -400,11 +400,16 @@ def requeue(
 
 
 def list_deliveries(
-    conn: sqlite3.Connection, state: str | None, sink: str | None, limit: int, cursor: str | None
+    conn: sqlite3.Connection,
+    state: str | None,
+    sink: str | None,
+    limit: int,
+    cursor: str | None,
+    event_id: str | None = None,
 ) -> Page:
     query, params = page_query(
         f"SELECT {DELIVERY_COLUMNS} FROM deliveries",
-        {"state": state, "sink": sink},
+        {"state": state, "sink": sink, "event_id": event_id},
         int(cursor) if cursor else None,
         limit,
     )

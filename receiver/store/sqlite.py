@@ -434,9 +434,16 @@ class SqliteStore:
         return count
 
     async def list_deliveries(
-        self, state: str | None, sink: str | None, limit: int, cursor: str | None
+        self,
+        state: str | None,
+        sink: str | None,
+        limit: int,
+        cursor: str | None,
+        event_id: str | None = None,
     ) -> Page:
-        return await self._read(lambda c: sql.list_deliveries(c, state, sink, limit, cursor))
+        return await self._read(
+            lambda c: sql.list_deliveries(c, state, sink, limit, cursor, event_id)
+        )
 
     async def wait_for_work(self, timeout: float) -> None:
         self._start()

@@ -4,6 +4,7 @@ process, an injected clock, no subprocess and no socket. Fast enough to run on e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 from collections.abc import AsyncIterator
@@ -88,22 +89,23 @@ class Service:
         return found
 
 
-@pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[Service]:
-    """The service on SQLite in tmp_path, without its worker, against the scripted API."""
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, **settings: Any) -> AsyncIterator[Service]:
+    """The service on SQLite in tmp_path, without its worker, against the scripted API;
+    `settings` override the defaults."""
     api, clock, db = ScriptedApi(), Clock(), tmp_path / "receiver.db"
-    settings = load_settings(
-        database_url=f"sqlite:///{db}",
-        admin_token="inprocess-admin",
-        vlmrun_api_key="k",
-        vlmrun_base_url="http://api.test/v1",
-        vlmrun_webhook_secrets=SECRET,
-        public_url="http://receiver.test",
-        worker=False,
-        max_body_bytes=64 * 1024,
-    )
+    settings = {
+        "database_url": f"sqlite:///{db}",
+        "admin_token": "inprocess-admin",
+        "vlmrun_api_key": "k",
+        "vlmrun_base_url": "http://api.test/v1",
+        "vlmrun_webhook_secrets": SECRET,
+        "public_url": "http://receiver.test",
+        "worker": False,
+        "max_body_bytes": 64 * 1024,
+    } | settings
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api)) as http:
-        app = create_app(settings, http=http, clock=clock)
+        app = create_app(load_settings(**settings), http=http, clock=clock)
         async with (
             app.router.lifespan_context(app),
             httpx.AsyncClient(
@@ -111,3 +113,10 @@ async def service(tmp_path: Path) -> AsyncIterator[Service]:
             ) as client,
         ):
             yield Service(app, client, api, clock, db)
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[Service]:
+    """The service with its defaults (no sinks)."""
+    async with running(tmp_path) as svc:
+        yield svc

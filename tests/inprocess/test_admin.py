@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import orjson
 import pytest
 
-from tests.inprocess.conftest import ADMIN, Service
+from tests.inprocess.conftest import ADMIN, Service, running
 
 
 @pytest.mark.parametrize("auth", [None, "Bearer wrong", "Basic inprocess-admin"])
@@ -63,3 +66,23 @@ async def test_a_bad_submission_is_422_naming_the_fix(
     """A submission missing or misnaming a field is refused with the field named."""
     answer = await service.client.post("/v1/jobs", json=body, headers=ADMIN)
     assert answer.status_code == 422 and words in answer.json()["error"]
+
+
+async def test_a_job_shows_each_events_deliveries(tmp_path: Path) -> None:
+    """GET /v1/jobs/{id} lists, under each event, its delivery to every sink that takes it;
+    GET /v1/deliveries?event_id= lists the same."""
+    sinks = tmp_path / "sinks.toml"
+    sinks.write_text(
+        f'[[sinks]]\nname = "all"\nurl = "file://{tmp_path}/all.jsonl"\n'
+        f'[[sinks]]\nname = "failed"\nurl = "file://{tmp_path}/f.jsonl"\n'
+        'statuses = ["failed"]\n'
+    )
+    async with running(tmp_path, sinks_file=str(sinks)) as service:
+        job = await service.submit()
+        pred = job["prediction_id"]
+        body = orjson.dumps({"id": pred, "status": "completed"})
+        assert (await service.callback(pred, body)).status_code == 200
+        (event,) = await service.events(job["id"])
+        assert [(d["sink"], d["state"]) for d in event["deliveries"]] == [("all", "pending")]
+        listed = await service.client.get(f"/v1/deliveries?event_id={event['id']}", headers=ADMIN)
+        assert listed.json()["items"] == event["deliveries"]
