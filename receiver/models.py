@@ -258,4 +258,5 @@ class Claimed:
 
     delivery: Delivery
     event: Event
-    lease_until: float  # the lease's identity: finishing checks it still holds
+    lease_until: float  # when the lease runs out (another claim may take the row then)
+    lease: int  # the claim's token: finishing checks the row still carries it

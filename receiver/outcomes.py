@@ -52,6 +52,7 @@ class Release:
             state=_PENDING,
             next_attempt_at=self.due_at,
             lease_until=self.claimed.lease_until,
+            lease=self.claimed.lease,
             released=True,
         )
 

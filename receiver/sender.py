@@ -228,6 +228,7 @@ class SinkSender:
             state=outcome.value,
             next_attempt_at=next_at,
             lease_until=item.lease_until,
+            lease=item.lease,
         )
 
     def _settle(

@@ -37,7 +37,8 @@ class Attempt:
     # What happens next: "delivered", "pending" (retry at next_attempt_at) or "dead".
     state: str
     next_attempt_at: float
-    lease_until: float  # from the claim: a lost lease makes the outcome a no-op
+    lease_until: float  # from the claim: when it runs out
+    lease: int  # from the claim: a lost lease (the row claimed again since) makes this a no-op
     released: bool = False  # handed back unsent (sink paused): no attempt is counted
 
 

@@ -107,7 +107,7 @@ def _claim_query(skipped: int) -> str:
     delivery = sql.qualified("c", sql.DELIVERY_COLUMNS)
     event = sql.qualified("e", sql.EVENT_COLUMNS)
     return sql.numbered(
-        f"WITH c AS ({claim}) SELECT {delivery}, {event}"
+        f"WITH c AS ({claim}) SELECT {delivery}, {event}, c.lease"
         " FROM c JOIN events e ON e.id = c.event_id ORDER BY c.next_attempt_at, c.id"
     )
 

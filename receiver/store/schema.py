@@ -118,6 +118,13 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "CREATE INDEX attempts_delivery ON attempts (delivery_id)",
         ],
     ),
+    (
+        2,
+        "deliveries: an integer lease token",
+        # Counted up by every claim: finishing checks it, not the lease's end time (a float
+        # that went through JSON and had to be compared within a microsecond).
+        ["ALTER TABLE deliveries ADD COLUMN lease INTEGER NOT NULL DEFAULT 0"],
+    ),
 ]
 
 

@@ -66,26 +66,26 @@ VALUES (?, ?, 'pending', 0, ?, ?, ?)
 ON CONFLICT (event_id, sink) DO NOTHING
 """
 CLAIM = f"""
-UPDATE deliveries SET state = 'leased', lease_until = ?, updated_at = ?
+UPDATE deliveries SET state = 'leased', lease = lease + 1, lease_until = ?, updated_at = ?
 WHERE id IN (
     SELECT id FROM deliveries
     WHERE ((state = 'pending' AND next_attempt_at <= ?) OR (state = 'leased' AND lease_until <= ?))
       {{skip}}
     ORDER BY next_attempt_at LIMIT ? {{lock}}
 )
-RETURNING {DELIVERY_COLUMNS}
+RETURNING {DELIVERY_COLUMNS}, lease
 """
 INSERT_ATTEMPT = """
 INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, status_code, error, snippet)
 VALUES (?, ?, ?, ?, ?, ?, ?)
 """
-# The lease guard: a worker whose lease ran out (and whose row another worker took) cannot
-# overwrite the newer attempt's outcome.
+# The lease guard: a worker whose lease ran out (and whose row another worker claimed, which
+# counted `lease` up) cannot overwrite the newer attempt's outcome.
 FINISH = """
 UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, lease_until = NULL,
     last_error = ?, updated_at = ?,
     delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END
-WHERE id = ? AND state = 'leased' AND lease_until = ?
+WHERE id = ? AND state = 'leased' AND lease = ?
 """
 SCHEDULE_POLL = "UPDATE jobs SET next_poll_at = ?, poll_attempts = ? WHERE id = ?"
 # After downtime: every outstanding job with a prediction is due now (its callback may have
@@ -152,10 +152,9 @@ DELIVERY_WIDTH = len(DELIVERY_COLUMNS.split(","))
 
 
 def claimed_from_row(row: Sequence[Any], lease_until: float) -> Claimed:
-    """A row of a delivery's columns followed by its event's."""
-    return Claimed(
-        delivery_from_row(row[:DELIVERY_WIDTH]), event_from_row(row[DELIVERY_WIDTH:]), lease_until
-    )
+    """A row of a delivery's columns, its event's, then the claim's lease token."""
+    delivery, event = row[:DELIVERY_WIDTH], row[DELIVERY_WIDTH:-1]
+    return Claimed(delivery_from_row(delivery), event_from_row(event), lease_until, row[-1])
 
 
 def job_params(job: Job, token_hash: str) -> tuple[Any, ...]:
@@ -269,13 +268,13 @@ SELECT json_group_array(id) FROM (
     ORDER BY next_attempt_at LIMIT ?)
 """
 SQLITE_LEASE = """
-UPDATE deliveries SET state = 'leased', lease_until = ?, updated_at = ?
+UPDATE deliveries SET state = 'leased', lease = lease + 1, lease_until = ?, updated_at = ?
 WHERE id IN (SELECT value FROM json_each(?))
 """
 # The claimed rows come back as rows, not JSON: bodies may be large (and JSON would round the
 # times to 15 digits).
 SQLITE_CLAIMED = f"""
-SELECT {qualified("d", DELIVERY_COLUMNS)}, {qualified("e", EVENT_COLUMNS)}
+SELECT {qualified("d", DELIVERY_COLUMNS)}, {qualified("e", EVENT_COLUMNS)}, d.lease
 FROM json_each(?) c JOIN deliveries d ON d.id = c.value JOIN events e ON e.id = d.event_id
 ORDER BY d.next_attempt_at, d.id
 """
@@ -321,7 +320,7 @@ def finish_params(a: Attempt, now: float) -> tuple[tuple[Any, ...], tuple[Any, .
         a.state,
         now,
         a.delivery_id,
-        a.lease_until,
+        a.lease,
     )
     return attempt_row(a), update
 
@@ -331,18 +330,16 @@ INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, status_code
 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6
 FROM json_each(?)
 """
-# FINISH for many rows, with its lease guard: the lease's end time, within a microsecond (it
-# went through JSON; a newer lease ends a lease's length later). `+state`: find each row by
+# FINISH for many rows, with its lease guard (the claim's token). `+state`: find each row by
 # its id; the index on state would have SQLite walk every leased row for each one.
 SQLITE_FINISH = """
 UPDATE deliveries SET state = a.state, attempts = a.attempt, next_attempt_at = a.next_at,
     lease_until = NULL, last_error = a.error, updated_at = ?1,
     delivered_at = CASE WHEN a.state = 'delivered' THEN ?1 ELSE delivered_at END
 FROM (SELECT value ->> 0 AS id, value ->> 1 AS state, value ->> 2 AS attempt,
-    value ->> 3 AS next_at, value ->> 4 AS error, value ->> 5 AS lease_until
+    value ->> 3 AS next_at, value ->> 4 AS error, value ->> 5 AS lease
     FROM json_each(?2)) AS a
-WHERE deliveries.id = a.id AND +deliveries.state = 'leased'
-  AND abs(deliveries.lease_until - a.lease_until) < 1e-6
+WHERE deliveries.id = a.id AND +deliveries.state = 'leased' AND deliveries.lease = a.lease
 """
 
 
@@ -351,7 +348,7 @@ def finish(conn: sqlite3.Connection, attempts: Sequence[Attempt], now: float) ->
     if tried:
         conn.execute(SQLITE_INSERT_ATTEMPTS, (orjson.dumps(tried),))
     outcomes = [
-        (a.delivery_id, a.state, a.attempt, a.next_attempt_at, a.error, a.lease_until)
+        (a.delivery_id, a.state, a.attempt, a.next_attempt_at, a.error, a.lease)
         for a in attempts
     ]
     conn.execute(SQLITE_FINISH, (now, orjson.dumps(outcomes)))

@@ -247,6 +247,7 @@ def test_migrate_and_prune_commands_on_postgresql(postgres_database: str) -> Non
                         "delivered",
                         then,
                         claimed.lease_until,
+                        claimed.lease,
                     )
                 ],
                 then,

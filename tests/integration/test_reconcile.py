@@ -455,6 +455,7 @@ async def test_prune_at_start_forgets_old_deliveries(
                 "delivered",
                 fake_time.now,
                 claimed.lease_until,
+                claimed.lease,
             )
         ],
         fake_time.now,

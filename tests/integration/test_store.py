@@ -123,7 +123,7 @@ async def all_deliveries(store: Store) -> list[Delivery]:
     return sorted(cast(list[Delivery], page.items), key=lambda d: d.id)
 
 
-def attempt(delivery_id: int, lease_until: float, state: str, at: float = T0 + 2) -> Attempt:
+def attempt(delivery_id: int, lease: int, state: str, at: float = T0 + 2) -> Attempt:
     return Attempt(
         delivery_id=delivery_id,
         attempt=1,
@@ -134,7 +134,8 @@ def attempt(delivery_id: int, lease_until: float, state: str, at: float = T0 + 2
         snippet="ok",
         state=state,
         next_attempt_at=at + 60 if state == "pending" else at,
-        lease_until=lease_until,
+        lease_until=at + LEASE,
+        lease=lease,
     )
 
 
@@ -317,13 +318,14 @@ async def test_finish_moves_rows_on_and_a_stale_lease_is_a_no_op(store: Store) -
     first = {c.delivery.sink: c for c in await store.claim(T0, 10, LEASE)}
     second = {c.delivery.sink: c for c in await store.claim(T0 + LEASE, 10, LEASE)}
     old, new = first["all"], second["all"]
-    await store.finish([attempt(old.delivery.id, old.lease_until, "delivered")], T0 + LEASE + 1)
+    assert new.lease == old.lease + 1  # each claim counts the token up
+    await store.finish([attempt(old.delivery.id, old.lease, "delivered")], T0 + LEASE + 1)
     rows = {d.sink: d for d in await all_deliveries(store)}
     assert rows["all"].state == "leased" and rows["all"].attempts == 0
     await store.finish(
         [
-            attempt(new.delivery.id, new.lease_until, "delivered"),
-            attempt(second["finished"].delivery.id, second["finished"].lease_until, "pending"),
+            attempt(new.delivery.id, new.lease, "delivered"),
+            attempt(second["finished"].delivery.id, second["finished"].lease, "pending"),
         ],
         T0 + LEASE + 2,
     )
@@ -347,8 +349,8 @@ async def test_requeue_dead_rows(store: Store) -> None:
     dead, ok = claimed["all"], claimed["finished"]
     await store.finish(
         [
-            attempt(dead.delivery.id, dead.lease_until, "dead"),
-            attempt(ok.delivery.id, ok.lease_until, "delivered"),
+            attempt(dead.delivery.id, dead.lease, "dead"),
+            attempt(ok.delivery.id, ok.lease, "delivered"),
         ],
         T0 + 1,
     )
@@ -798,7 +800,7 @@ async def test_prune_forgets_settled_rows_but_keeps_awaited_payloads(store: Stor
     claimed = await store.claim(T0, 100, LEASE)
     await store.finish(
         [
-            attempt(c.delivery.id, c.lease_until, "delivered", at=T0 + 1)
+            attempt(c.delivery.id, c.lease, "delivered", at=T0 + 1)
             for c in claimed
             if c.event.id == settled.event_id
         ],
@@ -823,7 +825,7 @@ async def test_stats_counts(store: Store) -> None:
     assert (stats.outbox_due, stats.dead, stats.jobs_outstanding) == (3, 0, 1)
     assert stats.oldest_due_age == pytest.approx(10.0)
     claimed = await store.claim(T0 + 10, 1, LEASE)
-    await store.finish([attempt(claimed[0].delivery.id, claimed[0].lease_until, "dead")], T0 + 11)
+    await store.finish([attempt(claimed[0].delivery.id, claimed[0].lease, "dead")], T0 + 11)
     stats = await store.stats(T0 + 20)
     assert (stats.outbox_due, stats.dead) == (2, 1)
     assert (await store.stats(T0 - 1)).outbox_due == 0

@@ -98,7 +98,7 @@ def claimed(
     delivery = Delivery(
         delivery_id, event.id, sink, "leased", attempts, NOW, NOW, NOW, last_error=last_error
     )
-    return Claimed(delivery, event, lease_until)
+    return Claimed(delivery, event, lease_until, lease=1)
 
 
 @dataclass

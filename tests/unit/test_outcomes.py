@@ -16,7 +16,7 @@ from tests.unit.outbox_doubles import NOW, Clock, RecordingOutbox, claimed
 
 
 def attempt(delivery_id: int, state: str = "delivered", next_at: float = NOW) -> Attempt:
-    return Attempt(delivery_id, 1, NOW, 5.0, 200, None, "ok", state, next_at, NOW + 60.0)
+    return Attempt(delivery_id, 1, NOW, 5.0, 200, None, "ok", state, next_at, NOW + 60.0, 1)
 
 
 class Harness:
