@@ -36,6 +36,7 @@ from receiver.routes.callbacks import CALLBACK_PATH, CallbackEndpoint
 from receiver.routes.openapi import openapi
 from receiver.sinks import open_sink
 from receiver.store import Store, open_store
+from receiver.ui import routes as dashboard
 from receiver.vlmrun import VlmRunClient
 
 log = structlog.get_logger("receiver.app")
@@ -261,6 +262,7 @@ def create_app(
         routes += [
             Route("/openapi.json", openapi),
             Mount("/v1", routes=[*jobs.routes, *deliveries.routes], middleware=admin),
+            *dashboard(settings, clock),
         ]
     restrict_hosts = "*" not in settings.allowed_hosts
     # Client address and scheme come from X-Forwarded-*/Forwarded only from a trusted proxy.
