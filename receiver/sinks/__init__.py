@@ -4,7 +4,7 @@ A sink sends one message and returns only once the far side has it (HTTP 2xx, Re
 reply, JetStream ack, RabbitMQ publisher confirm, fsync). Any failure is raised as
 `receiver.errors.SinkError`, with `retry_after`, `permanent` or `disable_sink` set when the
 far side said so; driver errors are chained with `from exc`. Retrying is not a sink's job:
-the dispatcher (receiver/outbox.py) owns every retry.
+`receiver.retry.RetryPolicy`, applied by each sink's sender (receiver/sender.py), owns every retry.
 
 Adding a kind: one module with a class satisfying `Sink`, one `_KINDS` entry, one optional
 extra in pyproject.toml, one parameter in tests/integration/test_sinks.py.
