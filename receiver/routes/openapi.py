@@ -82,6 +82,7 @@ def _link(operation: str, **parameters: str) -> dict[str, Any]:
 
 
 _TEXT = {"schema": {"type": "string"}}
+_REQUEUED: Answers = {202: ("Requeued: put back in the queue, due now", s.Requeued)}
 _BODY_ID = "$response.body#/id"
 _SIGNATURES = [
     {"name": name, "in": "header", "required": False, "schema": {"type": "string"}}
@@ -162,14 +163,14 @@ OPERATIONS = (
         "replayDead",
         "POST /v1/deliveries/replay",
         "Replay every dead delivery of a sink (optionally since a time)",
-        {202: ("Requeued", s.Requeued), **errors(400, 401, 422, 503)},
+        {**_REQUEUED, **errors(400, 401, 422, 503)},
         body=s.ReplayDead,
     ),
     Operation(
         "retryDelivery",
         "POST /v1/deliveries/{delivery_id}/retry",
         "Put one delivery back in the queue now",
-        {202: ("Requeued", s.Requeued), **errors(401, 404, 503)},
+        {**_REQUEUED, **errors(401, 404, 503)},
     ),
     Operation(
         "getEvent",
@@ -182,7 +183,7 @@ OPERATIONS = (
         "replayEvent",
         "POST /v1/events/{event_id}/replay",
         "Deliver an event again, to one sink or to all",
-        {202: ("Requeued", s.Requeued), **errors(400, 401, 404, 422, 503)},
+        {**_REQUEUED, **errors(400, 401, 404, 422, 503)},
         body=s.ReplayEvent,
         body_required=False,
     ),
