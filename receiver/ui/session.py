@@ -19,7 +19,7 @@ from collections.abc import Callable
 from urllib.parse import parse_qsl
 
 from pydantic import SecretStr
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import URL, MutableHeaders
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
 from starlette.responses import RedirectResponse
@@ -116,15 +116,22 @@ def csrf_token(request: Request) -> str:
     return token
 
 
-def own_origin(request: Request) -> str:
-    return f"{request.url.scheme}://{request.url.netloc}"
+def same_origin(request: Request, origin: str) -> bool:
+    """Whether `origin` is this service as the browser sees it. A proxy that passes `Host`
+    without its port (nginx's `$host`) leaves the port unknown: then scheme and host decide,
+    and the CSRF token still has to match."""
+    own = request.url
+    theirs = URL(origin)
+    if own.port is None:
+        return (theirs.scheme, theirs.hostname) == (own.scheme, own.hostname)
+    return origin == f"{own.scheme}://{own.netloc}"
 
 
 async def checked_form(request: Request) -> dict[str, str]:
     """A state-changing POST's fields, once it has shown it comes from our own page: same
     origin, and the session's CSRF token in the `csrf` field. Else BadRequest(403)."""
     origin = request.headers.get("origin")
-    if origin is not None and origin != own_origin(request):
+    if origin is not None and not same_origin(request, origin):
         raise BadRequest("refused: this form was sent from another site", 403)
     if request.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
         raise BadRequest("refused: this form was sent from another site", 403)

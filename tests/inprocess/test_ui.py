@@ -180,11 +180,29 @@ async def test_a_post_without_the_csrf_token_is_refused(signed: Service) -> None
 async def test_a_post_from_another_origin_is_refused(signed: Service) -> None:
     """A form posted from another site is refused with 403, even carrying a valid token."""
     csrf = csrf_of(await signed.client.get("/ui/"))
-    for headers in ({"Origin": "https://evil.test"}, {"Sec-Fetch-Site": "cross-site"}):
+    for headers in (
+        {"Origin": "https://evil.test"},
+        {"Origin": "https://receiver.test"},  # another scheme is another origin
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "cross-site"},
+    ):
         answer = await signed.client.post("/ui/signout", data={"csrf": csrf}, headers=headers)
         assert answer.status_code == 403 and "another site" in answer.text
     same = {"Origin": "http://receiver.test", "Sec-Fetch-Site": "same-origin"}
     answer = await signed.client.post("/ui/signout", data={"csrf": csrf}, headers=same)
+    assert answer.status_code == 303
+
+
+async def test_behind_a_proxy_that_drops_the_port_forms_still_work(service: Service) -> None:
+    """Behind a proxy that passes Host without the port, the dashboard's own forms still
+    work, and another host is still refused."""
+    await sign_in(service.client)
+    csrf = csrf_of(await service.client.get("/ui/"))
+    evil = {"Origin": "http://evil.test:8443"}
+    answer = await service.client.post("/ui/signout", data={"csrf": csrf}, headers=evil)
+    assert answer.status_code == 403
+    mine = {"Origin": "http://receiver.test:8443"}
+    answer = await service.client.post("/ui/signout", data={"csrf": csrf}, headers=mine)
     assert answer.status_code == 303
 
 
