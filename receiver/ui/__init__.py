@@ -35,6 +35,7 @@ def routes(settings: Settings, clock: Callable[[], float]) -> list[BaseRoute]:
         _page("/", pages.jobs, name="jobs"),
         _page("/signin", pages.signin_form, methods=["GET", "POST"], name="signin"),
         _page("/signout", pages.signout, methods=["POST"], name="signout"),
+        _page("/find", pages.find, name="find"),
         _page("/jobs/{job_id}", pages.job, name="job"),
         _page("/events/{event_id}", pages.event, name="event"),
         _page("/events/{event_id}/replay", pages.replay, methods=["POST"], name="replay"),

@@ -176,6 +176,20 @@ async def event(request: Request) -> Response:
     return RedirectResponse(f"{url}#{found.id}", status_code=303)
 
 
+@page
+async def find(request: Request) -> Response:
+    """The page of a job, given its id or one of its events' ids (pasted from a log line)."""
+    wanted = request.query_params.get("id", "").strip()
+    store = services(request).store
+    if wanted and await store.get_job(wanted) is not None:
+        return RedirectResponse(request.url_for("ui:job", job_id=wanted), status_code=303)
+    found = await store.get_event(wanted) if wanted else None
+    if found is not None:
+        url = request.url_for("ui:job", job_id=found.job_id)
+        return RedirectResponse(f"{url}#{found.id}", status_code=303)
+    raise BadRequest(f"No job or event has the id {wanted!r}.", 404)
+
+
 def replay_targets(svc: Services, event: Event, sink: str | None) -> list[str]:
     """The sinks a replay goes to: the one named, or every configured sink whose filters take
     the event (the same choice as POST /v1/events/{id}/replay)."""

@@ -248,6 +248,17 @@ async def test_the_jobs_page_lists_newest_first_filters_and_pages(signed: Servic
     assert first["id"] in rest.text and second["id"] not in rest.text
 
 
+async def test_a_job_is_found_by_its_id_or_an_events(signed: Service) -> None:
+    """Pasting a job's id, or one of its events' ids, opens the job's page."""
+    job, event = await completed_job(signed)
+    by_job = await signed.client.get("/ui/find", params={"id": f" {job['id']} "})
+    assert by_job.headers["location"] == f"http://receiver.test/ui/jobs/{job['id']}"
+    by_event = await signed.client.get("/ui/find", params={"id": event["id"]})
+    assert by_event.headers["location"].endswith(f"/ui/jobs/{job['id']}#{event['id']}")
+    missing = await signed.client.get("/ui/find", params={"id": "job_nope"})
+    assert missing.status_code == 404 and "job_nope" in missing.text
+
+
 @pytest.mark.parametrize(
     ("path", "status"),
     [
@@ -256,6 +267,7 @@ async def test_the_jobs_page_lists_newest_first_filters_and_pages(signed: Servic
         ("/ui/deliveries?state=bogus", 400),
         ("/ui/jobs/job_nope", 404),
         ("/ui/events/evt_nope", 404),
+        ("/ui/find", 404),
     ],
 )
 async def test_bad_input_is_a_readable_4xx_page(signed: Service, path: str, status: int) -> None:
