@@ -60,7 +60,9 @@ class RequestContext:
         logs.reset(request_id=request_id)
         scope.setdefault("state", {})["request_id"] = request_id
         start = time.perf_counter()
-        status = 500
+        # Unchanged only if the app returned without answering: the client went away first
+        # (nginx's 499, "client closed request"); an error answers 500 below.
+        status = 499
         started = False
         header = (b"x-request-id", request_id.encode("latin-1"))
 

@@ -12,12 +12,14 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 
 import httpx
+import orjson
 import pytest
 
 from tests.acceptance.conftest import (
     FakeVlmRun,
     Process,
     api_env,
+    submit,
     terminal_callback,
     wait_for,
 )
@@ -133,3 +135,30 @@ def test_keep_alive_and_ordinary_requests_are_untouched(service: Process) -> Non
         big = client.post("/callbacks/vlmrun/nope", content=b"{" + b" " * 200_000 + b"}")
         assert big.status_code == 404
     assert wait_for(lambda: limit_hits(service, "head_timeout") == 0, 1, "no limit hit")
+
+
+def test_a_client_gone_mid_body_is_logged_499_not_500(
+    service: Process, fake_vlmrun: FakeVlmRun
+) -> None:
+    """A callback whose sender disconnects before its body is complete is logged as 499
+    (client closed request), not as a server error, and nothing is recorded."""
+    (job,) = submit(service)
+    path = httpx.URL(fake_vlmrun.callback_urls[str(job["prediction_id"])]).path
+    with connect(service) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            'Content-Length: 1000\r\n\r\n{"id": '.encode()
+        )
+    line = wait_for(
+        lambda: next(
+            (
+                orjson.loads(raw)
+                for raw in service.logs().splitlines()
+                if '"http.request"' in raw and "/callbacks/" in raw
+            ),
+            None,
+        ),
+        10,
+        "the callback's access line",
+    )
+    assert line["status"] == 499 and line["method"] == "POST"
