@@ -253,6 +253,29 @@ class Delivery:
 
 
 @dataclass(slots=True)
+class DeliveryAttempt:
+    """One send of a delivery, as recorded: when, how long, what the sink answered."""
+
+    delivery_id: int
+    attempt: int
+    started_at: float
+    duration_ms: float
+    status_code: int | None
+    error: str | None
+    snippet: str | None  # the first characters of the sink's answer
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "attempt": self.attempt,
+            "started_at": iso(self.started_at),
+            "duration_ms": self.duration_ms,
+            "status_code": self.status_code,
+            "error": self.error,
+            "snippet": self.snippet,
+        }
+
+
+@dataclass(slots=True)
 class Claimed:
     """A leased delivery with what the sink needs to send it."""
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import mimetypes
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import orjson
 import structlog
@@ -20,6 +21,9 @@ from receiver.models import (
     PAGE_MAX,
     SUBMIT_FAILED,
     SUBMITTING,
+    Delivery,
+    DeliveryAttempt,
+    Event,
     Job,
     hash_token,
     new_callback_token,
@@ -27,6 +31,7 @@ from receiver.models import (
 )
 from receiver.routes import JSON, BadRequest, Services, error, parse, services
 from receiver.routes.schemas import JobsQuery, Submission
+from receiver.store import Store
 from receiver.vlmrun import GenerationConfig, RequestMetadata, generate_request
 
 log = structlog.get_logger("receiver.jobs")
@@ -214,18 +219,40 @@ async def list_jobs(request: Request) -> Response:
     return JSON({"items": [j.to_api() for j in page.items], "next_cursor": page.next_cursor})
 
 
+Sends = list[tuple[Delivery, list[DeliveryAttempt]]]
+
+
+async def deliveries_of(store: Store, events: Sequence[Event]) -> dict[str, Sends]:
+    """Each event's deliveries (one per sink that takes it), each with its recorded sends:
+    what a job's page shows, in the API and the dashboard alike."""
+    by_event: dict[str, list[Delivery]] = {}
+    for event in events:  # a handful: one per state the job went through
+        page = await store.list_deliveries(None, None, PAGE_MAX, None, event_id=event.id)
+        by_event[event.id] = cast(list[Delivery], page.items)
+    ids = [d.id for found in by_event.values() for d in found]
+    sends: dict[int, list[DeliveryAttempt]] = {}
+    for attempt in await store.attempts_of(ids) if ids else []:
+        sends.setdefault(attempt.delivery_id, []).append(attempt)
+    return {e: [(d, sends.get(d.id, [])) for d in found] for e, found in by_event.items()}
+
+
 async def get_job(request: Request) -> Response:
     found = await services(request).store.get_job(request.path_params["job_id"])
     if found is None:
         return error(404, "no such job")
     job, events = found
     logs.bind(job_id=job.id, prediction_id=job.prediction_id)
-    store, shown = services(request).store, []
-    for event in events:  # a handful: one per state the job went through
-        deliveries = await store.list_deliveries(None, None, PAGE_MAX, None, event_id=event.id)
-        shown.append(
-            event.to_api(with_body=True) | {"deliveries": [d.to_api() for d in deliveries.items]}
-        )
+    deliveries = await deliveries_of(services(request).store, events)
+    shown = [
+        event.to_api(with_body=True)
+        | {
+            "deliveries": [
+                d.to_api() | {"sends": [a.to_api() for a in sends]}
+                for d, sends in deliveries[event.id]
+            ]
+        }
+        for event in events
+    ]
     return JSON({**job.to_api(), "events": shown})
 
 

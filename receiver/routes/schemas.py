@@ -185,7 +185,7 @@ class Event(BaseModel):
 
 
 class EventWithDeliveries(Event):
-    deliveries: list[Delivery] = Field(description="the event's deliveries, one per sink")
+    deliveries: list[DeliveryWithSends] = Field(description="the event's deliveries, one per sink")
 
 
 class JobWithEvents(Job):
@@ -208,6 +208,21 @@ class Delivery(BaseModel):
     created_at: Time
     updated_at: Time
     delivered_at: Time | None
+
+
+class Send(BaseModel):
+    """One attempt of a delivery."""
+
+    attempt: int
+    started_at: Time
+    duration_ms: float
+    status_code: int | None
+    error: Nullable
+    snippet: Nullable = Field(description="the first characters of the sink's answer")
+
+
+class DeliveryWithSends(Delivery):
+    sends: list[Send] = Field(description="each attempt so far, in order")
 
 
 class JobPage(BaseModel):

@@ -12,7 +12,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from receiver.models import Claimed, Delivery, Event, Incoming, Job, RecordResult, Route
+from receiver.models import (
+    Claimed,
+    Delivery,
+    DeliveryAttempt,
+    Event,
+    Incoming,
+    Job,
+    RecordResult,
+    Route,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +82,9 @@ class EventStore(Protocol):
         ...
 
     async def get_event(self, event_id: str) -> Event | None: ...
+    async def attempts_of(self, delivery_ids: Sequence[int]) -> list[DeliveryAttempt]:
+        """Every recorded send of these deliveries, by delivery, then in order."""
+        ...
 
 
 class Outbox(Protocol):

@@ -38,6 +38,7 @@ from receiver.models import (
     TERMINAL_RANK,
     TIMED_OUT,
     Claimed,
+    DeliveryAttempt,
     Event,
     Incoming,
     Job,
@@ -81,6 +82,10 @@ _DRIVER: tuple[type[BaseException], ...] = (
 _pg = functools.cache(sql.numbered)
 
 _JOBS_BY_TOKEN = "SELECT token_hash, id FROM jobs WHERE token_hash = ANY($1::text[])"
+_ATTEMPTS_OF = (  # through the index on attempts (delivery_id)
+    f"SELECT {sql.ATTEMPT_COLUMNS} FROM attempts WHERE delivery_id = ANY($1::bigint[])"
+    " ORDER BY delivery_id, attempt, id"
+)
 _APPLIED = "INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, $3)"
 _PROBE = (
     "UPDATE schema_version SET applied_at = applied_at"
@@ -321,6 +326,11 @@ class PostgresStore:
         async with self._conn() as conn:
             row = await conn.fetchrow(_pg(sql.SELECT_EVENT), event_id)
         return sql.event_from_row(row) if row else None
+
+    async def attempts_of(self, delivery_ids: Sequence[int]) -> list[DeliveryAttempt]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(_ATTEMPTS_OF, list(delivery_ids))
+        return [DeliveryAttempt(*row) for row in rows]
 
     # -- outbox ------------------------------------------------------------------------------
 

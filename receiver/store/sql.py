@@ -21,6 +21,7 @@ from receiver.models import (
     TIMED_OUT,
     Claimed,
     Delivery,
+    DeliveryAttempt,
     Event,
     Job,
     status_rank,
@@ -75,6 +76,11 @@ WHERE id IN (
 )
 RETURNING {DELIVERY_COLUMNS}, lease
 """
+ATTEMPT_COLUMNS = "delivery_id, attempt, started_at, duration_ms, status_code, error, snippet"
+ATTEMPTS_OF = (  # through the index on attempts (delivery_id)
+    f"SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE delivery_id IN (SELECT value FROM json_each(?))"
+    " ORDER BY delivery_id, attempt, id"
+)
 INSERT_ATTEMPT = """
 INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, status_code, error, snippet)
 VALUES (?, ?, ?, ?, ?, ?, ?)
@@ -238,6 +244,11 @@ def list_jobs(
     return Page(jobs[:limit], jobs[limit - 1].id if len(jobs) > limit else None)
 
 
+def attempts_of(conn: sqlite3.Connection, delivery_ids: Sequence[int]) -> list[DeliveryAttempt]:
+    rows = conn.execute(ATTEMPTS_OF, (orjson.dumps(list(delivery_ids)),)).fetchall()
+    return [DeliveryAttempt(*row) for row in rows]
+
+
 def get_event(conn: sqlite3.Connection, event_id: str) -> Event | None:
     row = conn.execute(SELECT_EVENT, (event_id,)).fetchone()
     return event_from_row(row) if row else None
@@ -348,8 +359,7 @@ def finish(conn: sqlite3.Connection, attempts: Sequence[Attempt], now: float) ->
     if tried:
         conn.execute(SQLITE_INSERT_ATTEMPTS, (orjson.dumps(tried),))
     outcomes = [
-        (a.delivery_id, a.state, a.attempt, a.next_attempt_at, a.error, a.lease)
-        for a in attempts
+        (a.delivery_id, a.state, a.attempt, a.next_attempt_at, a.error, a.lease) for a in attempts
     ]
     conn.execute(SQLITE_FINISH, (now, orjson.dumps(outcomes)))
 

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import structlog
 
 from receiver.errors import StoreError, StoreUnavailable
-from receiver.models import Claimed, Event, Incoming, Job, RecordResult, Route
+from receiver.models import Claimed, DeliveryAttempt, Event, Incoming, Job, RecordResult, Route
 from receiver.store import Attempt, Page, Stats, recording, sql
 from receiver.store.groupcommit import GroupCommit
 from receiver.store.recording import Row, Statement
@@ -405,6 +405,9 @@ class SqliteStore:
 
     async def get_event(self, event_id: str) -> Event | None:
         return await self._read(lambda c: sql.get_event(c, event_id))
+
+    async def attempts_of(self, delivery_ids: Sequence[int]) -> list[DeliveryAttempt]:
+        return await self._read(lambda c: sql.attempts_of(c, delivery_ids))
 
     # -- outbox ------------------------------------------------------------------------------
 

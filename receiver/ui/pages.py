@@ -21,7 +21,6 @@ from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
 from receiver.models import (
-    PAGE_MAX,
     STATUS_RANK,
     SUBMIT_FAILED,
     SUBMITTING,
@@ -31,6 +30,7 @@ from receiver.models import (
     iso,
 )
 from receiver.routes import BadRequest, Services, parse, services
+from receiver.routes.jobs import deliveries_of
 from receiver.routes.schemas import ROW_ID_PATTERN, DeliveriesQuery, JobsQuery
 from receiver.ui.session import checked_form, csrf_token, sign_in
 
@@ -140,10 +140,8 @@ async def job(request: Request) -> Response:
     if found is None:
         raise BadRequest("No such job.", 404)
     the_job, events = found
-    timeline = []
-    for event in events:  # a handful: one per state the job went through (as GET /v1/jobs/{id})
-        listing = await svc.store.list_deliveries(None, None, PAGE_MAX, None, event_id=event.id)
-        timeline.append((event, pretty(event.body), listing.items))
+    deliveries = await deliveries_of(svc.store, events)  # as GET /v1/jobs/{id}
+    timeline = [(event, pretty(event.body), deliveries[event.id]) for event in events]
     return render(request, "job.html", job=the_job, timeline=timeline, sinks=svc.sink_names)
 
 

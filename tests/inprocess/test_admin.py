@@ -85,4 +85,5 @@ async def test_a_job_shows_each_events_deliveries(tmp_path: Path) -> None:
         (event,) = await service.events(job["id"])
         assert [(d["sink"], d["state"]) for d in event["deliveries"]] == [("all", "pending")]
         listed = await service.client.get(f"/v1/deliveries?event_id={event['id']}", headers=ADMIN)
-        assert listed.json()["items"] == event["deliveries"]
+        shown = [{k: v for k, v in d.items() if k != "sends"} for d in event["deliveries"]]
+        assert listed.json()["items"] == shown and event["deliveries"][0]["sends"] == []

@@ -290,6 +290,22 @@ async def test_a_jobs_page_shows_its_timeline_prediction_and_deliveries(signed: 
     assert text.count("<details") == 1 and text.count("s-pending") == 2  # erp and audit
 
 
+async def test_a_jobs_page_shows_every_attempt_of_each_delivery(signed: Service) -> None:
+    """Each delivery on a job's page lists its attempts: when, how long, the status code, the
+    error and the first bytes of the sink's answer; the API's job shows the same."""
+    job, _ = await completed_job(signed)
+    await send_all(signed, "dead")
+    page = (await signed.client.get(f"/ui/jobs/{job['id']}")).text
+    assert page.count("1 attempt</summary>") == 2  # erp and audit
+    assert "<td>500</td>" in page and "HTTP 500" in page and "<code>no</code>" in page
+    api = (await signed.client.get(f"/v1/jobs/{job['id']}", headers=ADMIN)).json()
+    sends = [d["sends"] for d in api["events"][0]["deliveries"]]
+    assert [[(a["attempt"], a["status_code"], a["snippet"]) for a in s] for s in sends] == [
+        [(1, 500, "no")],
+        [(1, 500, "no")],
+    ]
+
+
 async def test_replay_from_a_jobs_page_requeues_the_event(signed: Service) -> None:
     """Pressing replay on a job's page sends the event again to every sink, or to the one
     chosen, and says how many deliveries were requeued."""

@@ -341,6 +341,27 @@ async def test_finish_moves_rows_on_and_a_stale_lease_is_a_no_op(store: Store) -
     ]
 
 
+async def test_attempts_of_lists_each_send_in_order(store: Store) -> None:
+    """The sends recorded for deliveries come back by delivery and in order, with what the
+    sink answered; a delivery never sent has none."""
+    _, token = await new_job(store)
+    await store.record(callback(token, "pred_1", "completed", at=T0))
+    claimed = {c.delivery.sink: c for c in await store.claim(T0, 10, LEASE)}
+    first = claimed["all"]
+    await store.finish([attempt(first.delivery.id, first.lease, "pending")], T0 + 1)
+    due = await store.claim(T0 + 100, 10, LEASE)  # the retry, and the leases run out
+    again = next(c for c in due if c.delivery.id == first.delivery.id)
+    await store.finish(
+        [attempt(again.delivery.id, again.lease, "delivered", at=T0 + 101)], T0 + 102
+    )
+    sends = await store.attempts_of([first.delivery.id, claimed["finished"].delivery.id])
+    assert [(a.delivery_id, a.started_at, a.status_code, a.snippet) for a in sends] == [
+        (first.delivery.id, T0 + 2, 500, "ok"),
+        (first.delivery.id, T0 + 101, 200, "ok"),
+    ]
+    assert await store.attempts_of([]) == []
+
+
 async def test_requeue_dead_rows(store: Store) -> None:
     """Dead rows are replayed by requeue (attempts reset); delivered ones only when asked."""
     _, token = await new_job(store)
