@@ -26,7 +26,6 @@ Domain = Annotated[
         examples=["document.invoice"],
     ),
 ]
-Nullable = Annotated[str | None, Field()]
 Time = datetime
 SinkName = Annotated[str, Field(description="a sink's name from the sinks file")]
 
@@ -163,8 +162,8 @@ class Job(BaseModel):
         description="submitting, submit_failed, timed_out, or the prediction's status "
         "(pending, running, completed, failed, ...)"
     )
-    prediction_id: Nullable
-    error: Nullable
+    prediction_id: str | None
+    error: str | None
     created_at: Time
     updated_at: Time
     completed_at: Time | None
@@ -204,7 +203,7 @@ class Delivery(BaseModel):
     state: DeliveryState
     attempts: int = Field(ge=0)
     next_attempt_at: Time | None
-    last_error: Nullable
+    last_error: str | None
     created_at: Time
     updated_at: Time
     delivered_at: Time | None
@@ -217,8 +216,8 @@ class Send(BaseModel):
     started_at: Time
     duration_ms: float
     status_code: int | None
-    error: Nullable
-    snippet: Nullable = Field(description="the first characters of the sink's answer")
+    error: str | None
+    snippet: str | None = Field(description="the first characters of the sink's answer")
 
 
 class DeliveryWithSends(Delivery):
@@ -227,12 +226,12 @@ class DeliveryWithSends(Delivery):
 
 class JobPage(BaseModel):
     items: list[Job]
-    next_cursor: Nullable
+    next_cursor: str | None
 
 
 class DeliveryPage(BaseModel):
     items: list[Delivery]
-    next_cursor: Nullable
+    next_cursor: str | None
 
 
 class Requeued(BaseModel):
@@ -241,8 +240,8 @@ class Requeued(BaseModel):
 
 class CallbackAnswer(BaseModel):
     status: Literal["recorded", "duplicate", "stale"]
-    event_id: Nullable
-    job_id: Nullable
+    event_id: str | None
+    job_id: str | None
 
 
 class Health(BaseModel):

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -17,12 +17,9 @@ import pytest
 
 from tests.acceptance.conftest import (
     ADMIN_TOKEN,
-    API_KEY,
-    WEBHOOK_SECRET,
     FakeVlmRun,
     Process,
-    base_env,
-    free_port,
+    api_env,
     signed,
     submit,
 )
@@ -305,24 +302,10 @@ def test_a_callback_for_an_unknown_token_is_refused_before_its_body_is_read(
 
 
 @pytest.fixture
-def tight_service(tmp_path: Path, fake_vlmrun: FakeVlmRun) -> Iterator[Process]:
+def tight_service(start_service: Callable[..., Process], fake_vlmrun: FakeVlmRun) -> Process:
     """`receiver serve` that holds at most 100 kB of callback bodies at once."""
-    port = free_port()
-    env = base_env(
-        RECEIVER_DATABASE_URL=f"sqlite:///{tmp_path}/receiver.db",
-        RECEIVER_PORT=str(port),
-        RECEIVER_ADMIN_TOKEN=ADMIN_TOKEN,
-        RECEIVER_VLMRUN_API_KEY=API_KEY,
-        RECEIVER_VLMRUN_BASE_URL=fake_vlmrun.url,
-        RECEIVER_VLMRUN_WEBHOOK_SECRETS=WEBHOOK_SECRET,
-        RECEIVER_MAX_BODY_BYTES="80000",
-        RECEIVER_MAX_INFLIGHT_BYTES="100000",
-        RECEIVER_LOG_FORMAT="json",
-    )
-    proc = Process(["serve"], env, tmp_path / "service.log", port)
-    proc.start()
-    yield proc
-    proc.stop()
+    limits = {"RECEIVER_MAX_BODY_BYTES": "80000", "RECEIVER_MAX_INFLIGHT_BYTES": "100000"}
+    return start_service("serve", env=api_env(fake_vlmrun.url, **limits))
 
 
 def test_bodies_in_flight_are_bounded_by_the_memory_budget(
