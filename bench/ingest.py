@@ -2,7 +2,7 @@
 Starlette endpoint, with the same stream of signed callbacks at 64 connections.
 
     python bench/ingest.py [--stream one|burst] [--database-url postgresql://...]
-                           [--rounds 3] [--seconds 5] [--spread]
+                           [--rounds 3] [--seconds 5] [--spread] [--floor]
 
 By default (`--cpus 1`) both servers are pinned to the same single core and the load generator
 (wrk) to the other, so the service gets the CPU its baseline gets: a writer thread cannot hide
@@ -14,6 +14,11 @@ Streams: `one`, one terminal callback per job (what the API sends); `burst`, eac
 pending, running and completed callbacks with a retry of running and of completed, sent
 together (so a job's states and duplicates land in one batch). Afterwards the store is read
 back: every callback acknowledged with a 2xx must be there.
+
+`--floor` adds a third server to the rounds, bench/floor.py: the bare endpoint plus only what
+no durable, verified endpoint can skip (signature, JSON, a batched INSERT committed with
+`synchronous=FULL` into its own SQLite file). Its ratio tells what the job itself costs on this
+stack; the service's ratio to the floor, what the service's own design costs on top.
 """
 
 from __future__ import annotations
@@ -189,6 +194,10 @@ def start(name: str, url: str, tmp: Path, pin: list[str]) -> tuple[subprocess.Po
     if name == "bare":
         cmd = [*pin, sys.executable, str(ROOT / "bench" / "bare.py"), str(port)]
         env = dict(os.environ)
+    elif name == "floor":
+        floor = [str(ROOT / "bench" / "floor.py"), str(port), str(tmp / "floor.db"), SECRET]
+        cmd = [*pin, sys.executable, *floor]
+        env = dict(os.environ)
     else:
         cmd = [*pin, sys.executable, "-m", "receiver", "serve", "--port", str(port)]
         env = {
@@ -231,6 +240,7 @@ def main() -> None:
     ap.add_argument(
         "--spread", action="store_true", help="pin nothing: servers and wrk share every core"
     )
+    ap.add_argument("--floor", action="store_true", help="also measure bench/floor.py (see above)")
     ap.add_argument(
         "--database-url",
         default=None,
@@ -281,7 +291,8 @@ async def _measure(args: argparse.Namespace, wrk: str, tmp: Path, url: str) -> i
         pin_wrk = ["taskset", "-c", ",".join(str(c) for c in range(args.cpus, cores))]
         layout = f"servers on cores {pin_servers[-1]}, wrk on {pin_wrk[-1]}"
     servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
-    runs: dict[str, list[dict[str, float]]] = {"bare": [], "service": []}
+    names = ["bare", "service", "floor"] if args.floor else ["bare", "service"]
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     try:
         for name in runs:
             servers[name] = start(name, url, tmp, pin_servers)
@@ -317,11 +328,14 @@ async def _measure(args: argparse.Namespace, wrk: str, tmp: Path, url: str) -> i
             f"{_spread(col(name, 'p99'), '.1f'):>22}{sum(col(name, 'non2xx')):>9.0f}"
             f"{statistics.median(col(name, 'cpu')):>7.0%}{max(col(name, 'peak')):>9.0f}"
         )
-    ratios = [s["rate"] / b["rate"] for s, b in zip(runs["service"], runs["bare"], strict=True)]
-    print(
-        f"\nratio service/bare: {statistics.median(ratios):.2f} (rounds: "
-        f"{', '.join(f'{x:.2f}' for x in ratios)})"
-    )
+    print()
+    pairs = [("service", "bare"), ("floor", "bare"), ("service", "floor")]
+    for top, bottom in pairs if args.floor else pairs[:1]:
+        ratios = [t["rate"] / b["rate"] for t, b in zip(runs[top], runs[bottom], strict=True)]
+        print(
+            f"ratio {top}/{bottom}: {statistics.median(ratios):.2f} (rounds: "
+            f"{', '.join(f'{x:.2f}' for x in ratios)})"
+        )
     acknowledged = sum(r["total"] - r["non2xx"] for r in runs["service"])
     events = await count_events(url)
     if len(statuses) == 1:
