@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import httpx
 import orjson
@@ -22,6 +22,9 @@ from rich.table import Column, Table
 from receiver.config import Settings, load_settings
 from receiver.errors import ConfigError, ReceiverError
 from receiver.logs import configure_logging
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 out = Console()
@@ -74,11 +77,7 @@ def serve(
     ] = False,
 ) -> None:
     """Run the web service (and, unless --no-worker, the dispatcher and reconciler)."""
-    import uvicorn
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
     from receiver.app import create_app
-    from receiver.connections import Guard, Limits, default_max_connections, guarded
 
     overrides: dict[str, Any] = {"worker": False} if no_worker else {}
     overrides |= {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
@@ -88,6 +87,17 @@ def serve(
         application = create_app(settings)
     except ReceiverError as exc:
         fail(str(exc))
+    _run_http(application, settings, settings.port)
+
+
+def _run_http(application: Starlette, settings: Settings, port: int) -> None:
+    """Serve `application` with uvicorn behind the connection guard (head timeout and size,
+    header count, connection limit: receiver.connections), on `settings.host` and `port`."""
+    import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from receiver.connections import Guard, Limits, default_max_connections, guarded
+
     # uvicorn re-raises SIGTERM after its graceful shutdown, which would kill the process with
     # the signal (exit -15) before atexit runs. A drained shutdown is a clean exit: 0.
     signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -104,7 +114,7 @@ def serve(
     uvicorn.run(
         application,
         host=settings.host,
-        port=settings.port,
+        port=port,
         http=guarded(HttpToolsProtocol, guard),  # type: ignore[arg-type]
         timeout_keep_alive=max(1, round(settings.keep_alive_timeout)),
         # No root_path here: the app applies RECEIVER_ROOT_PATH itself (stripped or not).
@@ -133,18 +143,7 @@ def worker(
     except ReceiverError as exc:
         fail(str(exc))
     if port is not None:
-        import uvicorn
-
-        signal.signal(signal.SIGTERM, _exit_cleanly)
-        uvicorn.run(
-            application,
-            host=settings.host,
-            port=port,
-            access_log=False,
-            log_config=None,
-            proxy_headers=False,
-            server_header=False,
-        )
+        _run_http(application, settings, port)
         return
 
     async def main() -> None:

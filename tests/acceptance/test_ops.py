@@ -344,6 +344,36 @@ def test_worker_serves_health_and_metrics_on_its_port(start_service: Any) -> Non
     assert worker.stop() == 0
 
 
+
+def test_worker_port_has_the_same_connection_limits_as_serve(start_service: Any) -> None:
+    """The worker's ops port is guarded like `serve`: a request head that stalls is cut off at
+    RECEIVER_HEAD_TIMEOUT and an oversized head is refused with 431, so a port opened for
+    probes and scrapes cannot be held open or fed without end."""
+    port = free_port()
+    worker = start_service(
+        "worker",
+        "--port",
+        str(port),
+        env={"RECEIVER_HEAD_TIMEOUT": "1", "RECEIVER_MAX_HEAD_BYTES": "8192"},
+        ready=None,
+        name="worker",
+    )
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _answers(f"{base}/healthz"))
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:
+        stalled.sendall(b"GET /healthz HTTP/1.1\r\nHost: worker\r\n")  # never finished
+        started = time.monotonic()
+        answer = stalled.recv(4096)  # the guard answers 408 and closes
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert time.monotonic() - started < 5
+
+    huge = httpx.get(f"{base}/healthz", headers={"X-Padding": "a" * 20_000})
+    assert huge.status_code == 431
+    assert httpx.get(f"{base}/healthz").status_code == 200
+    assert worker.stop() == 0
+
+
 def _answers(url: str) -> bool:
     try:
         return httpx.get(url, timeout=1).status_code == 200
