@@ -4,6 +4,7 @@ once; its constants come from receiver.models."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -17,6 +18,7 @@ from receiver.vlmrun import GenerationConfig, RequestMetadata
 # Deep enough for any JSON schema in `config`; what is kept must also be written back out, and
 # orjson writes at most 254 levels.
 MAX_NESTING = 64
+_NUMBER = re.compile(r"[-+]?[0-9.eE+-]*")
 ROW_ID_PATTERN = r"^[0-9]{1,18}$"  # delivery ids and their cursors: fit a 64-bit integer
 
 Domain = Annotated[
@@ -122,7 +124,11 @@ def epoch(when: datetime | None) -> float | None:
 
 
 def _iso_only(value: Any) -> Any:
-    if value is not None and not isinstance(value, str | datetime):  # epoch numbers: ambiguous
+    """Epoch numbers are refused (seconds or milliseconds? ambiguous), as text too: a query
+    string's values are all text, and pydantic would read "1800000000" as a time."""
+    if value is None or isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or _NUMBER.fullmatch(value.strip()):
         raise ValueError("must be an ISO-8601 time, e.g. 2026-11-24T08:00:00Z")
     return value
 
