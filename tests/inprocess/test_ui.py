@@ -616,7 +616,7 @@ async def test_a_bulk_retry_with_nothing_to_retry_says_so(signed: Service) -> No
     """When no delivery matches, the confirm page says there is nothing to retry, no button."""
     page = await signed.client.get("/ui/deliveries/retry?state=dead&sink=erp")
     assert page.status_code == 200 and "nothing to retry" in page.text
-    assert '/ui/deliveries/retry"' not in page.text.replace("action=", "")
+    assert 'name="upto"' not in page.text  # no confirm button
 
 
 async def test_the_api_retries_every_delivery_a_filter_matches(signed: Service) -> None:
