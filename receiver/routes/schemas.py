@@ -12,7 +12,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from receiver.models import DOMAIN_PATTERN, PAGE_DEFAULT, PAGE_MAX, DeliveryState, JobKind
-from receiver.store.sql import CURSOR_PATTERN
+from receiver.store.sql import DELIVERY_CURSOR_PATTERN, JOB_CURSOR_PATTERN
 from receiver.vlmrun import GenerationConfig, RequestMetadata
 
 # Deep enough for any JSON schema in `config`; what is kept must also be written back out, and
@@ -32,9 +32,9 @@ Domain = Annotated[
 Time = datetime
 # A delivery's state as a filter: a stored state, or `retrying` (pending after a failed attempt).
 DeliveryFilterState = Literal["pending", "retrying", "leased", "delivered", "dead"]
-Cursor = Annotated[
-    str, Field(pattern=CURSOR_PATTERN, description="`next_cursor` of the previous page")
-]
+_NEXT = "`next_cursor` of the previous page"
+JobCursor = Annotated[str, Field(pattern=JOB_CURSOR_PATTERN, description=_NEXT)]
+DeliveryCursor = Annotated[str, Field(pattern=DELIVERY_CURSOR_PATTERN, description=_NEXT)]
 SinkName = Annotated[str, Field(description="a sink's name from the sinks file")]
 
 
@@ -158,7 +158,7 @@ class JobsQuery(CreatedBetween):
         "submitted metadata has this text as a top-level string value (exact match)",
     )
     limit: int = Field(PAGE_DEFAULT, ge=1, le=PAGE_MAX, description="page size")
-    cursor: Cursor | None = None
+    cursor: JobCursor | None = None
 
 
 class DeliveryFilter(CreatedBetween):
@@ -171,7 +171,7 @@ class DeliveryFilter(CreatedBetween):
 class DeliveriesQuery(DeliveryFilter):
     event_id: str | None = Field(None, description="only this event's")
     limit: int = Field(PAGE_DEFAULT, ge=1, le=PAGE_MAX, description="page size")
-    cursor: Cursor | None = None
+    cursor: DeliveryCursor | None = None
 
 
 class RetryMatching(DeliveryFilter):

@@ -230,7 +230,9 @@ def get_job(conn: sqlite3.Connection, job_id: str) -> tuple[Job, list[Event]] | 
 # page costs its own rows whatever the filters match; the cursor is the last row's
 # `created_at:id` (the time as repr(), which reads back exactly).
 
-CURSOR_PATTERN = r"^[0-9][0-9.e+]{0,30}:[A-Za-z0-9_-]{1,100}$"
+_CURSOR_TIME = r"^[0-9]{1,20}(\.[0-9]{1,20})?(e[+-]?[0-9]{1,3})?:"
+JOB_CURSOR_PATTERN = _CURSOR_TIME + r"[A-Za-z0-9_-]{1,100}$"
+DELIVERY_CURSOR_PATTERN = _CURSOR_TIME + r"[0-9]{1,18}$"
 # A job found by text: its id, one of its predictions' ids, or one of its metadata values
 # (each top-level string value of the metadata it was submitted with: job_metadata).
 JOB_FOUND = (
