@@ -280,8 +280,7 @@ class PostgresStore:
         until: float | None = None,
         search: str | None = None,
     ) -> Page:
-        where = sql.jobs_where(status, domain, since, until, search)
-        query, params = sql.page_query(f"SELECT {sql.JOB_COLUMNS} FROM jobs", where, cursor, limit)
+        query, params = sql.jobs_query(status, domain, since, until, search, cursor, limit)
         async with self._conn() as conn:
             return sql.jobs_page(await conn.fetch(_pg(query), *params), limit)
 

@@ -387,8 +387,8 @@ class SqliteStore:
         until: float | None = None,
         search: str | None = None,
     ) -> Page:
-        where = sql.jobs_where(status, domain, since, until, search)
-        return await self._read(lambda c: sql.list_jobs(c, where, limit, cursor))
+        query, params = sql.jobs_query(status, domain, since, until, search, cursor, limit)
+        return await self._read(lambda c: sql.list_jobs(c, query, params, limit))
 
     # -- events ------------------------------------------------------------------------------
 
