@@ -307,24 +307,32 @@ def jobs_query(
         return page_query(base, where, cursor, limit)
     by_id = Where(list(where.clauses), list(where.params))
     by_id.add(f"id IN ({JOB_BY_ID})", search, search)
-    tagged = Where(["value = ?"], [search])
-    created_between(tagged, since, until)
-    tagged.add(f"job_id NOT IN ({JOB_BY_ID})", search, search)  # each job once
+    # By metadata: job_metadata's key read backwards from the cursor, each row's job checked
+    # against the other filters, until a page is full (its own ORDER BY and LIMIT, so that
+    # PostgreSQL too walks the index rather than joining every match and sorting).
+    tagged = Where(["m.value = ?"], [search])
+    if since is not None:
+        tagged.add("m.created_at >= ?", since)
+    if until is not None:
+        tagged.add("m.created_at < ?", until)
+    tagged.add(f"m.job_id NOT IN ({JOB_BY_ID})", search, search)  # each job once
     if cursor is not None:
         created_at, row_id = parse_cursor(cursor)
         by_id.add("(created_at, id) < (?, ?)", created_at, row_id)
-        tagged.add("(created_at, job_id) < (?, ?)", created_at, row_id)
+        tagged.add("(m.created_at, m.job_id) < (?, ?)", created_at, row_id)
+    for clause, value in (("j.status = ?", status), ("j.domain = ?", domain)):
+        if value is not None:
+            tagged.add(clause, value)
     columns = [c.strip() for c in JOB_COLUMNS.split(",")]
-    renamed = {"id": "m.job_id", "created_at": "m.c"}
+    renamed = {"id": "m.job_id", "created_at": "m.created_at"}
     from_metadata = ", ".join(renamed.get(c, f"j.{c}") for c in columns)
-    plain = Where([f"j.{c}" for c in where.clauses], list(where.params))  # all `col op ?`
     query = (
-        f"{base}{by_id.sql()} UNION ALL SELECT {from_metadata} FROM"
-        f" (SELECT job_id, created_at AS c FROM job_metadata{tagged.sql()}) m"
-        f" JOIN jobs j ON j.id = m.job_id{plain.sql()}"
+        f"{base}{by_id.sql()} UNION ALL SELECT * FROM (SELECT {from_metadata}"
+        f" FROM job_metadata m JOIN jobs j ON j.id = m.job_id{tagged.sql()}"
+        " ORDER BY m.created_at DESC, m.job_id DESC LIMIT ?) AS by_metadata"
         " ORDER BY created_at DESC, id DESC LIMIT ?"
     )
-    return query, [*by_id.params, *tagged.params, *plain.params, limit + 1]
+    return query, [*by_id.params, *tagged.params, limit + 1, limit + 1]
 
 
 def deliveries_where(
