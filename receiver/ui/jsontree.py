@@ -15,7 +15,7 @@ import orjson
 from markupsafe import Markup, escape
 
 OPEN_DEPTH = 3  # containers up to this depth start open, if small
-OPEN_SIZE = 20  # ... and have at most this many children
+OPEN_SIZE = 50  # ... and have at most this many children (an invoice's fields, say)
 CHUNK = 100  # an array's items per closed run
 
 
