@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import math
 import secrets
 from collections import OrderedDict, deque
@@ -86,16 +87,29 @@ class SignInLimit:
     """Wrong admin tokens, counted per client address: the one the proxy middleware resolved
     (the socket peer, or the forwarded client when the peer is a trusted proxy), so a client
     behind a trusted proxy is counted as itself, and one that sends its own X-Forwarded-For
-    from outside is still counted by its socket address. Per process: each web replica counts
-    on its own, so N replicas allow N times the rate."""
+    from outside is still counted by its socket address. An IPv6 client is counted by its /64
+    (one host usually has the whole block). Per process: each web replica counts on its own,
+    so N replicas allow N times the rate."""
 
     def __init__(self, failures: int = SIGNIN_FAILURES, window: float = SIGNIN_WINDOW) -> None:
         self.failures = failures
         self.window = window
         self._seen: OrderedDict[str, deque[float]] = OrderedDict()
 
+    @staticmethod
+    def key(client: str) -> str:
+        try:
+            address = ipaddress.ip_address(client)
+        except ValueError:
+            return client
+        if isinstance(address, ipaddress.IPv6Address):
+            if address.ipv4_mapped is not None:
+                return str(address.ipv4_mapped)
+            return str(ipaddress.ip_network(f"{address}/64", strict=False))
+        return str(address)
+
     def _recent(self, client: str, now: float) -> deque[float]:
-        times = self._seen.get(client, deque())
+        times = self._seen.get(self.key(client), deque())
         while times and now - times[0] >= self.window:
             times.popleft()
         return times
@@ -110,13 +124,14 @@ class SignInLimit:
     def failed(self, client: str, now: float) -> None:
         times = self._recent(client, now)
         times.append(now)
-        self._seen[client] = times
-        self._seen.move_to_end(client)
+        key = self.key(client)
+        self._seen[key] = times
+        self._seen.move_to_end(key)
         while len(self._seen) > SIGNIN_CLIENTS:
             self._seen.popitem(last=False)
 
     def succeeded(self, client: str) -> None:
-        self._seen.pop(client, None)
+        self._seen.pop(self.key(client), None)
 
 
 def sign_in_limit(request: Request) -> SignInLimit:

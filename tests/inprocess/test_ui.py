@@ -706,3 +706,17 @@ async def test_an_untrusted_peer_cannot_dodge_the_limit_with_forwarded_headers(
                 "/ui/signin", data={"token": "x", "csrf": csrf_of(form)}, headers=spoof
             )
         assert answer.status_code == 429
+
+
+async def test_an_ipv6_client_is_counted_by_its_64_block(service: Service) -> None:
+    """Addresses of one IPv6 /64 share one count (a host holds the block); another block
+    does not."""
+    async with (
+        client_at(service, "2001:db8:1:1::a") as first,
+        client_at(service, "2001:db8:1:1::b") as same_block,
+        client_at(service, "2001:db8:1:2::a") as other_block,
+    ):
+        for _ in range(5):
+            assert (await sign_in(first, "wrong")).status_code == 401
+        assert (await sign_in(same_block)).status_code == 429
+        assert (await sign_in(other_block)).status_code == 303
