@@ -4,6 +4,7 @@ bulk retry by filter, and migration 3's backfill of job metadata."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ import asyncpg
 import pytest
 
 from receiver.models import Job, Route, hash_token, new_callback_token, new_id
-from receiver.store import Attempt, Store, open_store
+from receiver.store import Attempt, Store, open_store, sql
 from receiver.store.schema import MIGRATIONS, VERSION_TABLE, render
 from tests.integration.test_store import ROUTES, T0, callback
 
@@ -237,3 +238,69 @@ async def test_migration_3_makes_older_jobs_findable_by_metadata(
         assert (await store.list_jobs(None, None, 5, None, search="z")).items == []
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(
+    ("filters", "index"),
+    [
+        ({}, "jobs_created"),
+        ({"status": "failed"}, "jobs_status_created"),
+        ({"domain": "document.resume"}, "jobs_domain_created"),
+        ({"since": T0, "until": T0 + 3600}, "jobs_created"),
+        ({"status": "failed", "since": T0}, "jobs_status_created"),
+    ],
+)
+def test_each_jobs_list_reads_one_index_in_order(
+    filters: dict[str, Any], index: str, tmp_path: Path
+) -> None:
+    """SQLite's plan for each jobs list walks one index in the list's order: no sort, no
+    read of the whole table."""
+    conn = _migrated_sqlite(tmp_path)
+    args = {"status": None, "domain": None, "since": None, "until": None} | filters
+    for cursor in (None, f"{T0!r}:job_x"):
+        query, params = sql.jobs_query(**args, search=None, cursor=cursor, limit=50)
+        plan = " | ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {query}", params))
+        assert f"USING INDEX {index}" in plan and "TEMP B-TREE" not in plan, plan
+
+
+@pytest.mark.parametrize(
+    ("state", "sink", "times", "index"),
+    [
+        (None, None, (None, None), "deliveries_created"),
+        ("dead", None, (None, None), "deliveries_state_created"),
+        ("dead", "erp", (None, None), "deliveries_"),
+        ("retrying", None, (T0, None), "deliveries_state_created"),
+        (None, "erp", (None, None), "deliveries_sink_created"),
+        (None, "erp", (T0, T0 + 60), "deliveries_sink_created"),
+        (None, None, (T0, T0 + 60), "deliveries_created"),
+    ],
+)
+def test_each_deliveries_list_reads_one_index_in_order(
+    state: str | None, sink: str | None, times: tuple[Any, Any], index: str, tmp_path: Path
+) -> None:
+    """The same for the deliveries lists (by state and sink together, SQLite picks one of the
+    two and checks the other on its rows: either is in order)."""
+    conn = _migrated_sqlite(tmp_path)
+    where = sql.deliveries_where(state, sink, None, *times)
+    base = f"SELECT {sql.DELIVERY_COLUMNS} FROM deliveries"
+    query, params = sql.page_query(base, where, "1.0:5", 50, int_ids=True)
+    plan = " | ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {query}", params))
+    assert f"USING INDEX {index}" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_a_search_by_metadata_reads_its_key_in_order(tmp_path: Path) -> None:
+    """A search reads job_metadata's key in the list's order; only the few jobs found by id
+    or prediction id are sorted."""
+    conn = _migrated_sqlite(tmp_path)
+    query, params = sql.jobs_query("failed", None, T0, None, "prod", f"{T0!r}:job_x", 50)
+    plan = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {query}", params)]
+    assert any(step.startswith("SEARCH m USING PRIMARY KEY (value=?") for step in plan), plan
+    assert not any(re.fullmatch(r"SCAN (jobs|j|m|job_metadata)", step) for step in plan), plan
+
+
+def _migrated_sqlite(tmp_path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(tmp_path / "plans.db", isolation_level=None)
+    for _, _, statements in MIGRATIONS:
+        for statement in statements:
+            conn.execute(render(statement, "sqlite"))
+    return conn
