@@ -9,17 +9,25 @@ with `serve --no-worker`, a `receiver worker` elsewhere picks the rows up.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import structlog
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from receiver.routes import JSON, BadRequest, error, parse, services
-from receiver.routes.schemas import ROW_ID_PATTERN, DeliveriesQuery, ReplayDead, ReplayEvent
+from receiver.routes.schemas import (
+    ROW_ID_PATTERN,
+    DeliveriesQuery,
+    ReplayDead,
+    ReplayEvent,
+    RetryMatching,
+    epoch,
+)
 
+log = structlog.get_logger("receiver.deliveries")
 _ROW_ID = re.compile(ROW_ID_PATTERN)  # str.isdigit would also take "²"
 
 
@@ -41,18 +49,16 @@ def _configured(request: Request, sink: str | None) -> None:
         raise BadRequest(f"no sink named {sink!r} is configured", 422)
 
 
-def _utc(when: datetime | None) -> float | None:
-    if when is None:
-        return None
-    if when.tzinfo is None:  # the API speaks UTC; never the server's local time
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
-
-
 async def list_deliveries(request: Request) -> Response:
     query = parse(DeliveriesQuery, dict(request.query_params), 400)
     page = await services(request).store.list_deliveries(
-        query.state, query.sink, query.limit, query.cursor, query.event_id
+        query.state,
+        query.sink,
+        query.limit,
+        query.cursor,
+        query.event_id,
+        since=epoch(query.since),
+        until=epoch(query.until),
     )
     return JSON({"items": [d.to_api() for d in page.items], "next_cursor": page.next_cursor})
 
@@ -65,6 +71,25 @@ async def retry_delivery(request: Request) -> Response:
     count = await svc.store.requeue(svc.clock(), delivery_id=int(raw), only_dead=False)
     if count == 0:
         return error(404, "no such delivery, or it is in flight right now")
+    return JSON({"requeued": count}, status_code=202)
+
+
+async def retry_matching(request: Request) -> Response:
+    """Every delivery the filters match, as the list shows them, back in the queue at once
+    (one statement); those being sent right now are left alone."""
+    wanted = parse(RetryMatching, await _json_body(request), 422)
+    _configured(request, wanted.sink)
+    svc = services(request)
+    since, until = epoch(wanted.since), epoch(wanted.until)
+    _, newest = await svc.store.count_requeueable(
+        wanted.state, wanted.sink, since=since, until=until
+    )
+    count = 0
+    if newest is not None:
+        count = await svc.store.requeue_matching(
+            svc.clock(), newest, wanted.state, wanted.sink, since=since, until=until
+        )
+    log.info("deliveries.retried", state=wanted.state, sink=wanted.sink, requeued=count)
     return JSON({"requeued": count}, status_code=202)
 
 
@@ -98,7 +123,7 @@ async def replay_dead(request: Request) -> Response:
     replay = parse(ReplayDead, await _json_body(request), 422)
     _configured(request, replay.sink)
     svc = services(request)
-    count = await svc.store.requeue(svc.clock(), sink=replay.sink, since=_utc(replay.since))
+    count = await svc.store.requeue(svc.clock(), sink=replay.sink, since=epoch(replay.since))
     return JSON({"requeued": count}, status_code=202)
 
 
@@ -112,6 +137,7 @@ async def get_event(request: Request) -> Response:
 routes = [
     Route("/deliveries", list_deliveries, methods=["GET"]),
     Route("/deliveries/replay", replay_dead, methods=["POST"]),
+    Route("/deliveries/retry", retry_matching, methods=["POST"]),
     Route("/deliveries/{delivery_id}/retry", retry_delivery, methods=["POST"]),
     Route("/events/{event_id}", get_event, methods=["GET"]),
     Route("/events/{event_id}/replay", replay_event, methods=["POST"]),

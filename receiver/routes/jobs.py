@@ -30,7 +30,7 @@ from receiver.models import (
     new_id,
 )
 from receiver.routes import JSON, BadRequest, Services, error, parse, services
-from receiver.routes.schemas import JobsQuery, Submission
+from receiver.routes.schemas import JobsQuery, Submission, epoch
 from receiver.store import Store
 from receiver.vlmrun import GenerationConfig, RequestMetadata, generate_request
 
@@ -215,7 +215,15 @@ async def create_job(request: Request) -> Response:
 async def list_jobs(request: Request) -> Response:
     svc = services(request)
     query = parse(JobsQuery, dict(request.query_params), 400)
-    page = await svc.store.list_jobs(query.status, query.domain, query.limit, query.cursor)
+    page = await svc.store.list_jobs(
+        query.status,
+        query.domain,
+        query.limit,
+        query.cursor,
+        since=epoch(query.since),
+        until=epoch(query.until),
+        search=query.q,
+    )
     return JSON({"items": [j.to_api() for j in page.items], "next_cursor": page.next_cursor})
 
 

@@ -167,6 +167,14 @@ OPERATIONS = (
         body=s.ReplayDead,
     ),
     Operation(
+        "retryMatching",
+        "POST /v1/deliveries/retry",
+        "Put every delivery the filters match (as GET /v1/deliveries lists them) back in the "
+        "queue now, in one statement; those being sent right now are left alone",
+        {**_REQUEUED, **errors(400, 401, 422, 503)},
+        body=s.RetryMatching,
+    ),
+    Operation(
         "retryDelivery",
         "POST /v1/deliveries/{delivery_id}/retry",
         "Put one delivery back in the queue now",
@@ -216,7 +224,7 @@ _PLAIN = {  # answers without a model
     "metrics": {"text/plain": {"schema": {"type": "string"}}},
     "openapi": {"application/json": {"schema": {"type": "object"}}},
 }
-_SINK_BODIES = ("replayDead", "replayEvent")
+_SINK_BODIES = ("replayDead", "replayEvent", "retryMatching")
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:

@@ -4,18 +4,21 @@ once; its constants come from receiver.models."""
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from receiver.models import DOMAIN_PATTERN, PAGE_DEFAULT, PAGE_MAX, DeliveryState, JobKind
+from receiver.store.sql import DELIVERY_CURSOR_PATTERN, JOB_CURSOR_PATTERN
 from receiver.vlmrun import GenerationConfig, RequestMetadata
 
 # Deep enough for any JSON schema in `config`; what is kept must also be written back out, and
 # orjson writes at most 254 levels.
 MAX_NESTING = 64
+_NUMBER = re.compile(r"[-+]?[0-9.eE+-]*")
 ROW_ID_PATTERN = r"^[0-9]{1,18}$"  # delivery ids and their cursors: fit a 64-bit integer
 
 Domain = Annotated[
@@ -27,6 +30,11 @@ Domain = Annotated[
     ),
 ]
 Time = datetime
+# A delivery's state as a filter: a stored state, or `retrying` (pending after a failed attempt).
+DeliveryFilterState = Literal["pending", "retrying", "leased", "delivered", "dead"]
+_NEXT = "`next_cursor` of the previous page"
+JobCursor = Annotated[str, Field(pattern=JOB_CURSOR_PATTERN, description=_NEXT)]
+DeliveryCursor = Annotated[str, Field(pattern=DELIVERY_CURSOR_PATTERN, description=_NEXT)]
 SinkName = Annotated[str, Field(description="a sink's name from the sinks file")]
 
 
@@ -105,20 +113,73 @@ class SubmissionForm(BaseModel):
     metadata: str | None = Field(None, json_schema_extra={"contentMediaType": "application/json"})
 
 
-class JobsQuery(BaseModel):
+def epoch(when: datetime | None) -> float | None:
+    """A time given to the API as epoch seconds; one without a zone is UTC (never the
+    server's local time)."""
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def _iso_only(value: Any) -> Any:
+    """Epoch numbers are refused (seconds or milliseconds? ambiguous), as text too: a query
+    string's values are all text, and pydantic would read "1800000000" as a time."""
+    if value is None or isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or _NUMBER.fullmatch(value.strip()):
+        raise ValueError("must be an ISO-8601 time, e.g. 2026-11-24T08:00:00Z")
+    return value
+
+
+class CreatedBetween(BaseModel):
+    """A time range on `created_at`: from `since` (included) to `until` (excluded)."""
+
+    since: Time | None = Field(
+        None, description="only those created at or after this time (ISO-8601; UTC if no zone)"
+    )
+    until: Time | None = Field(
+        None, description="only those created before this time (ISO-8601; UTC if no zone)"
+    )
+
+    @field_validator("since", "until", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        return _iso_only(value)
+
+
+class JobsQuery(CreatedBetween):
     status: str | None = Field(None, description="only this status")
     domain: str | None = Field(None, description="only this domain")
+    q: Annotated[str, Field(min_length=1, max_length=200)] | None = Field(
+        None,
+        description="only the job with this id, the jobs of this prediction id, or those whose "
+        "submitted metadata has this text as a top-level string value (exact match)",
+    )
     limit: int = Field(PAGE_DEFAULT, ge=1, le=PAGE_MAX, description="page size")
-    cursor: str | None = Field(None, description="`next_cursor` of the previous page")
+    cursor: JobCursor | None = None
 
 
-class DeliveriesQuery(BaseModel):
-    state: DeliveryState | None = Field(None, description="only this state")
+class DeliveryFilter(CreatedBetween):
+    state: DeliveryFilterState | None = Field(
+        None, description="only this state; `retrying`: pending after a failed attempt"
+    )
     sink: str | None = Field(None, description="only this sink")
+
+
+class DeliveriesQuery(DeliveryFilter):
     event_id: str | None = Field(None, description="only this event's")
     limit: int = Field(PAGE_DEFAULT, ge=1, le=PAGE_MAX, description="page size")
-    cursor: Annotated[str, Field(pattern=ROW_ID_PATTERN)] | None = Field(
-        None, description="`next_cursor` of the previous page"
+    cursor: DeliveryCursor | None = None
+
+
+class RetryMatching(DeliveryFilter):
+    """`POST /v1/deliveries/retry`: every delivery the filters match (as GET /v1/deliveries
+    lists them), except those being sent right now."""
+
+    state: DeliveryFilterState = Field(
+        description="only this state (required: no bulk retry of everything by accident)"
     )
 
 

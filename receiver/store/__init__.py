@@ -72,8 +72,20 @@ class JobStore(Protocol):
     ) -> Job: ...
     async def get_job(self, job_id: str) -> tuple[Job, list[Event]] | None: ...
     async def list_jobs(
-        self, status: str | None, domain: str | None, limit: int, cursor: str | None
-    ) -> Page: ...
+        self,
+        status: str | None,
+        domain: str | None,
+        limit: int,
+        cursor: str | None,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        search: str | None = None,
+    ) -> Page:
+        """Jobs newest first (created_at, then id): of `status` and `domain`, created in
+        [since, until), and with `search` as their id, a prediction's id or a top-level string
+        value of their metadata."""
+        ...
 
 
 class EventStore(Protocol):
@@ -118,7 +130,39 @@ class Outbox(Protocol):
         limit: int,
         cursor: str | None,
         event_id: str | None = None,
-    ) -> Page: ...
+        *,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> Page:
+        """Deliveries newest first (created_at, then id). `state` is a stored state or
+        `retrying` (pending after a failed attempt); [since, until) bounds created_at."""
+        ...
+
+    async def count_requeueable(
+        self,
+        state: str | None,
+        sink: str | None,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> tuple[int, int | None]:
+        """How many deliveries `requeue_matching` with these filters would requeue (all but
+        those in flight), and the newest one's id (None: none)."""
+        ...
+
+    async def requeue_matching(
+        self,
+        now: float,
+        upto: int,
+        state: str | None,
+        sink: str | None,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> int:
+        """Requeue every delivery these filters match, up to id `upto` (what was counted), in
+        one statement; returns how many."""
+        ...
 
     async def wait_for_work(self, timeout: float) -> None:
         """Return when new deliveries may be due, or after `timeout` seconds."""

@@ -240,8 +240,13 @@ class PostgresStore:
     # -- jobs --------------------------------------------------------------------------------
 
     async def create_job(self, job: Job, token_hash: str) -> None:
-        async with self._conn() as conn:
+        values = sql.metadata_values(job)
+        async with self._tx() as conn:
             await conn.execute(_pg(sql.INSERT_JOB), *sql.job_params(job, token_hash))
+            if values:
+                await conn.executemany(
+                    _pg(sql.INSERT_METADATA), [(v, job.created_at, job.id) for v in values]
+                )
 
     async def set_submitted(
         self, job_id: str, prediction_id: str | None, status: str, error: str | None, now: float
@@ -265,17 +270,19 @@ class PostgresStore:
         return sql.job_from_row(row), [sql.event_from_row(e) for e in events]
 
     async def list_jobs(
-        self, status: str | None, domain: str | None, limit: int, cursor: str | None
+        self,
+        status: str | None,
+        domain: str | None,
+        limit: int,
+        cursor: str | None,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        search: str | None = None,
     ) -> Page:
-        query, params = sql.page_query(
-            f"SELECT {sql.JOB_COLUMNS} FROM jobs",
-            {"status": status, "domain": domain},
-            cursor,
-            limit,
-        )
+        query, params = sql.jobs_query(status, domain, since, until, search, cursor, limit)
         async with self._conn() as conn:
-            jobs = [sql.job_from_row(r) for r in await conn.fetch(_pg(query), *params)]
-        return Page(jobs[:limit], jobs[limit - 1].id if len(jobs) > limit else None)
+            return sql.jobs_page(await conn.fetch(_pg(query), *params), limit)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -385,16 +392,47 @@ class PostgresStore:
         limit: int,
         cursor: str | None,
         event_id: str | None = None,
+        *,
+        since: float | None = None,
+        until: float | None = None,
     ) -> Page:
+        where = sql.deliveries_where(state, sink, event_id, since, until)
         query, params = sql.page_query(
-            f"SELECT {sql.DELIVERY_COLUMNS} FROM deliveries",
-            {"state": state, "sink": sink, "event_id": event_id},
-            int(cursor) if cursor else None,
-            limit,
+            f"SELECT {sql.DELIVERY_COLUMNS} FROM deliveries", where, cursor, limit, int_ids=True
         )
         async with self._conn() as conn:
-            items = [sql.delivery_from_row(r) for r in await conn.fetch(_pg(query), *params)]
-        return Page(items[:limit], str(items[limit - 1].id) if len(items) > limit else None)
+            return sql.deliveries_page(await conn.fetch(_pg(query), *params), limit)
+
+    async def count_requeueable(
+        self,
+        state: str | None,
+        sink: str | None,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> tuple[int, int | None]:
+        query, params = sql.count_query(sql.deliveries_where(state, sink, None, since, until))
+        async with self._conn() as conn:
+            count, newest = await conn.fetchrow(_pg(query), *params)
+        return int(count), newest
+
+    async def requeue_matching(
+        self,
+        now: float,
+        upto: int,
+        state: str | None,
+        sink: str | None,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> int:
+        where = sql.deliveries_where(state, sink, None, since, until)
+        query, params = sql.requeue_where_query(where, upto)
+        async with self._tx() as conn:
+            count = _count(await conn.execute(_pg(query), now, now, *params))
+            if count:
+                await conn.execute(_NOTIFY)
+        return count
 
     async def wait_for_work(self, timeout: float) -> None:
         deadline = asyncio.get_running_loop().time() + timeout

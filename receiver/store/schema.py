@@ -14,12 +14,19 @@ DIALECTS = {
         "blob": "BLOB",
         "serial": "INTEGER PRIMARY KEY AUTOINCREMENT",
         "without_rowid": " WITHOUT ROWID",
+        # A job's top-level string metadata values, for the backfill of job_metadata.
+        "metadata_strings": "json_each(j.request, '$.metadata') m WHERE m.type = 'text'",
+        "metadata_value": "m.value",
     },
     "postgres": {
         "real": "DOUBLE PRECISION",
         "blob": "BYTEA",
         "serial": "BIGSERIAL PRIMARY KEY",
         "without_rowid": "",
+        "metadata_strings": "jsonb_each(CASE WHEN jsonb_typeof(j.request::jsonb -> 'metadata')"
+        " = 'object' THEN j.request::jsonb -> 'metadata' END) m"
+        " WHERE jsonb_typeof(m.value) = 'string'",
+        "metadata_value": "m.value #>> '{}'",
     },
 }
 
@@ -124,6 +131,40 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         # Counted up by every claim: finishing checks it, not the lease's end time (a float
         # that went through JSON and had to be compared within a microsecond).
         ["ALTER TABLE deliveries ADD COLUMN lease INTEGER NOT NULL DEFAULT 0"],
+    ),
+    (
+        3,
+        "lists: jobs and deliveries newest first by (created_at, id), job metadata values",
+        # The dashboard's and /v1's lists go newest first by (created_at, id), so that a time
+        # range, a status or a state and the page's cursor are one range of one index, read in
+        # order: no sort, whatever the filters match.
+        [
+            "DROP INDEX jobs_status",
+            "DROP INDEX jobs_domain",
+            "CREATE INDEX jobs_created ON jobs (created_at, id)",
+            "CREATE INDEX jobs_status_created ON jobs (status, created_at, id)",
+            "CREATE INDEX jobs_domain_created ON jobs (domain, created_at, id)",
+            # A job found by one of its metadata values (a session id, a customer reference):
+            # each top-level string value of the submitted metadata, written with the job.
+            """
+            CREATE TABLE job_metadata (
+                value TEXT NOT NULL,
+                created_at {real} NOT NULL,
+                job_id TEXT NOT NULL,
+                PRIMARY KEY (value, created_at, job_id)
+            ){without_rowid}
+            """,
+            "INSERT INTO job_metadata (value, created_at, job_id)"
+            " SELECT DISTINCT {metadata_value}, j.created_at, j.id FROM jobs j, {metadata_strings}",
+            # Deliveries newest first: by state (the `(state, id)` index of the lists, in their
+            # order), by sink (replacing (sink, state): a replay of one sink's dead rows reads
+            # the state index, the dead being few), or all. A claim or a finish changes only
+            # `state`, so it updates two indexes (this one and deliveries_due), as before.
+            "CREATE INDEX deliveries_state_created ON deliveries (state, created_at, id)",
+            "DROP INDEX deliveries_sink",
+            "CREATE INDEX deliveries_sink_created ON deliveries (sink, created_at, id)",
+            "CREATE INDEX deliveries_created ON deliveries (created_at, id)",
+        ],
     ),
 ]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -194,6 +195,9 @@ def submitted_params(
 
 def create_job(conn: sqlite3.Connection, job: Job, token_hash: str) -> None:
     conn.execute(INSERT_JOB, job_params(job, token_hash))
+    values = metadata_values(job)
+    if values:
+        conn.executemany(INSERT_METADATA, [(v, job.created_at, job.id) for v in values])
 
 
 def set_submitted(
@@ -220,28 +224,192 @@ def get_job(conn: sqlite3.Connection, job_id: str) -> tuple[Job, list[Event]] | 
     return job_from_row(row), [event_from_row(e) for e in events]
 
 
-def page_query(
-    base: str, filters: dict[str, Any], cursor: Any, limit: int
+# -- lists: newest first by (created_at, id), a page at a time -----------------------------------
+#
+# Every filter below is a range of one index read in (created_at, id) order (migration 3), so a
+# page costs its own rows whatever the filters match; the cursor is the last row's
+# `created_at:id` (the time as repr(), which reads back exactly).
+
+_CURSOR_TIME = r"^[0-9]{1,20}(\.[0-9]{1,20})?(e[+-]?[0-9]{1,3})?:"
+JOB_CURSOR_PATTERN = _CURSOR_TIME + r"[A-Za-z0-9_-]{1,100}$"
+DELIVERY_CURSOR_PATTERN = _CURSOR_TIME + r"[0-9]{1,18}$"
+# A job found by text: its id, one of its predictions' ids, or one of its metadata values
+# (each top-level string value of the metadata it was submitted with: job_metadata).
+JOB_BY_ID = "SELECT ? UNION SELECT job_id FROM predictions WHERE id = ?"
+# Delivery states as filters: the stored states, and `retrying` (pending after at least one
+# failed attempt). A bulk retry leaves `leased` rows alone: they are being sent right now.
+RETRYING = "retrying"
+REQUEUEABLE = "state IN ('dead', 'delivered', 'pending')"
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    """A list's WHERE clauses and their parameters, `?` placeholders."""
+
+    clauses: list[str] = field(default_factory=list)
+    params: list[Any] = field(default_factory=list)
+
+    def add(self, clause: str, *params: Any) -> None:
+        self.clauses.append(clause)
+        self.params.extend(params)
+
+    def sql(self) -> str:
+        return f" WHERE {' AND '.join(self.clauses)}" if self.clauses else ""
+
+
+def cursor_of(created_at: float, row_id: object) -> str:
+    return f"{created_at!r}:{row_id}"
+
+
+def parse_cursor(cursor: str) -> tuple[float, str]:
+    created_at, _, row_id = cursor.partition(":")
+    return float(created_at), row_id
+
+
+def created_between(where: Where, since: float | None, until: float | None) -> None:
+    if since is not None:
+        where.add("created_at >= ?", since)
+    if until is not None:
+        where.add("created_at < ?", until)
+
+
+def jobs_where(
+    status: str | None,
+    domain: str | None,
+    since: float | None = None,
+    until: float | None = None,
+) -> Where:
+    where = Where()
+    if status is not None:
+        where.add("status = ?", status)
+    if domain is not None:
+        where.add("domain = ?", domain)
+    created_between(where, since, until)
+    return where
+
+
+def jobs_query(
+    status: str | None,
+    domain: str | None,
+    since: float | None,
+    until: float | None,
+    search: str | None,
+    cursor: str | None,
+    limit: int,
 ) -> tuple[str, list[Any]]:
-    """Keyset pagination, newest first: `WHERE col = ? AND ... AND id < cursor`."""
-    clauses = [f"{col} = ?" for col, value in filters.items() if value is not None]
-    params: list[Any] = [value for value in filters.values() if value is not None]
+    """A page of the jobs `where` matches and, with `search`, whose id, a prediction's id or
+    a metadata value it is. The jobs by metadata come from job_metadata's key (value,
+    created_at, job_id), already newest first, merged with the few found by id: a common
+    value (half the jobs "prod") costs a page, not a sort of every match."""
+    base = f"SELECT {JOB_COLUMNS} FROM jobs"
+    where = jobs_where(status, domain, since, until)
+    if search is None:
+        return page_query(base, where, cursor, limit)
+    by_id = Where(list(where.clauses), list(where.params))
+    by_id.add(f"id IN ({JOB_BY_ID})", search, search)
+    # By metadata: job_metadata's key read backwards from the cursor, each row's job checked
+    # against the other filters, until a page is full (its own ORDER BY and LIMIT, so that
+    # PostgreSQL too walks the index rather than joining every match and sorting).
+    tagged = Where(["m.value = ?"], [search])
+    if since is not None:
+        tagged.add("m.created_at >= ?", since)
+    if until is not None:
+        tagged.add("m.created_at < ?", until)
+    tagged.add(f"m.job_id NOT IN ({JOB_BY_ID})", search, search)  # each job once
     if cursor is not None:
-        clauses.append("id < ?")
-        params.append(cursor)
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    params.append(limit + 1)
-    return f"{base}{where} ORDER BY id DESC LIMIT ?", params
-
-
-def list_jobs(
-    conn: sqlite3.Connection, status: str | None, domain: str | None, limit: int, cursor: str | None
-) -> Page:
-    query, params = page_query(
-        f"SELECT {JOB_COLUMNS} FROM jobs", {"status": status, "domain": domain}, cursor, limit
+        created_at, row_id = parse_cursor(cursor)
+        by_id.add("(created_at, id) < (?, ?)", created_at, row_id)
+        tagged.add("(m.created_at, m.job_id) < (?, ?)", created_at, row_id)
+    for clause, value in (("j.status = ?", status), ("j.domain = ?", domain)):
+        if value is not None:
+            tagged.add(clause, value)
+    columns = [c.strip() for c in JOB_COLUMNS.split(",")]
+    renamed = {"id": "m.job_id", "created_at": "m.created_at"}
+    from_metadata = ", ".join(renamed.get(c, f"j.{c}") for c in columns)
+    query = (
+        f"{base}{by_id.sql()} UNION ALL SELECT * FROM (SELECT {from_metadata}"
+        f" FROM job_metadata m JOIN jobs j ON j.id = m.job_id{tagged.sql()}"
+        " ORDER BY m.created_at DESC, m.job_id DESC LIMIT ?) AS by_metadata"
+        " ORDER BY created_at DESC, id DESC LIMIT ?"
     )
-    jobs = [job_from_row(r) for r in conn.execute(query, params).fetchall()]
-    return Page(jobs[:limit], jobs[limit - 1].id if len(jobs) > limit else None)
+    return query, [*by_id.params, *tagged.params, limit + 1, limit + 1]
+
+
+def deliveries_where(
+    state: str | None,
+    sink: str | None,
+    event_id: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+) -> Where:
+    where = Where()
+    if state == RETRYING:
+        where.add("state = 'pending' AND attempts > 0")
+    elif state is not None:
+        where.add("state = ?", state)
+    if sink is not None:
+        where.add("sink = ?", sink)
+    if event_id is not None:
+        where.add("event_id = ?", event_id)
+    created_between(where, since, until)
+    return where
+
+
+def page_query(
+    base: str, where: Where, cursor: str | None, limit: int, int_ids: bool = False
+) -> tuple[str, list[Any]]:
+    """`base` filtered, newest first, after `cursor`, one row more than a page (to tell
+    whether another page follows)."""
+    where = Where(list(where.clauses), list(where.params))
+    if cursor is not None:
+        created_at, row_id = parse_cursor(cursor)
+        where.add("(created_at, id) < (?, ?)", created_at, int(row_id) if int_ids else row_id)
+    query = f"{base}{where.sql()} ORDER BY created_at DESC, id DESC LIMIT ?"
+    return query, [*where.params, limit + 1]
+
+
+def jobs_page(rows: Sequence[Sequence[Any]], limit: int) -> Page:
+    jobs = [job_from_row(r) for r in rows]
+    last = jobs[limit - 1] if len(jobs) > limit else None
+    return Page(jobs[:limit], cursor_of(last.created_at, last.id) if last else None)
+
+
+def deliveries_page(rows: Sequence[Sequence[Any]], limit: int) -> Page:
+    items = [delivery_from_row(r) for r in rows]
+    last = items[limit - 1] if len(items) > limit else None
+    return Page(items[:limit], cursor_of(last.created_at, last.id) if last else None)
+
+
+def count_query(where: Where) -> tuple[str, list[Any]]:
+    """How many deliveries a bulk retry of `where` would requeue, and the newest one's id: the
+    retry takes no row newer than what was counted."""
+    where = Where([*where.clauses, REQUEUEABLE], list(where.params))
+    return f"SELECT COUNT(*), MAX(id) FROM deliveries{where.sql()}", where.params
+
+
+def requeue_where_query(where: Where, upto: int) -> tuple[str, list[Any]]:
+    """Every delivery `where` matches, up to id `upto`, back in the queue: one statement."""
+    where = Where([*where.clauses, REQUEUEABLE, "id <= ?"], [*where.params, upto])
+    return (
+        "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
+        f" updated_at = ?{where.sql()}",
+        where.params,
+    )
+
+
+def metadata_values(job: Job) -> list[str]:
+    """The values a job can be found by: its metadata's top-level strings, once each."""
+    metadata = job.request.get("metadata")
+    if not isinstance(metadata, dict):
+        return []
+    return sorted({v for v in metadata.values() if isinstance(v, str) and v})
+
+
+INSERT_METADATA = "INSERT INTO job_metadata (value, created_at, job_id) VALUES (?, ?, ?)"
+
+
+def list_jobs(conn: sqlite3.Connection, query: str, params: Sequence[Any], limit: int) -> Page:
+    return jobs_page(conn.execute(query, params).fetchall(), limit)
 
 
 def attempts_of(conn: sqlite3.Connection, delivery_ids: Sequence[int]) -> list[DeliveryAttempt]:
@@ -406,22 +574,22 @@ def requeue(
     return int(count)
 
 
-def list_deliveries(
-    conn: sqlite3.Connection,
-    state: str | None,
-    sink: str | None,
-    limit: int,
-    cursor: str | None,
-    event_id: str | None = None,
-) -> Page:
+def list_deliveries(conn: sqlite3.Connection, where: Where, limit: int, cursor: str | None) -> Page:
     query, params = page_query(
-        f"SELECT {DELIVERY_COLUMNS} FROM deliveries",
-        {"state": state, "sink": sink, "event_id": event_id},
-        int(cursor) if cursor else None,
-        limit,
+        f"SELECT {DELIVERY_COLUMNS} FROM deliveries", where, cursor, limit, int_ids=True
     )
-    items = [delivery_from_row(r) for r in conn.execute(query, params).fetchall()]
-    return Page(items[:limit], str(items[limit - 1].id) if len(items) > limit else None)
+    return deliveries_page(conn.execute(query, params).fetchall(), limit)
+
+
+def count_requeueable(conn: sqlite3.Connection, where: Where) -> tuple[int, int | None]:
+    query, params = count_query(where)
+    count, newest = conn.execute(query, params).fetchone()
+    return int(count), newest
+
+
+def requeue_where(conn: sqlite3.Connection, now: float, where: Where, upto: int) -> int:
+    query, params = requeue_where_query(where, upto)
+    return int(conn.execute(query, [now, now, *params]).rowcount)
 
 
 OVERDUE = f"""

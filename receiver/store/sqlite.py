@@ -377,9 +377,18 @@ class SqliteStore:
         return await self._read(lambda c: sql.get_job(c, job_id))
 
     async def list_jobs(
-        self, status: str | None, domain: str | None, limit: int, cursor: str | None
+        self,
+        status: str | None,
+        domain: str | None,
+        limit: int,
+        cursor: str | None,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        search: str | None = None,
     ) -> Page:
-        return await self._read(lambda c: sql.list_jobs(c, status, domain, limit, cursor))
+        query, params = sql.jobs_query(status, domain, since, until, search, cursor, limit)
+        return await self._read(lambda c: sql.list_jobs(c, query, params, limit))
 
     # -- events ------------------------------------------------------------------------------
 
@@ -443,10 +452,39 @@ class SqliteStore:
         limit: int,
         cursor: str | None,
         event_id: str | None = None,
+        *,
+        since: float | None = None,
+        until: float | None = None,
     ) -> Page:
-        return await self._read(
-            lambda c: sql.list_deliveries(c, state, sink, limit, cursor, event_id)
-        )
+        where = sql.deliveries_where(state, sink, event_id, since, until)
+        return await self._read(lambda c: sql.list_deliveries(c, where, limit, cursor))
+
+    async def count_requeueable(
+        self,
+        state: str | None,
+        sink: str | None,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> tuple[int, int | None]:
+        where = sql.deliveries_where(state, sink, None, since, until)
+        return await self._read(lambda c: sql.count_requeueable(c, where))
+
+    async def requeue_matching(
+        self,
+        now: float,
+        upto: int,
+        state: str | None,
+        sink: str | None,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> int:
+        where = sql.deliveries_where(state, sink, None, since, until)
+        count = await self._write(lambda c: sql.requeue_where(c, now, where, upto))
+        if count:
+            self._work.set()
+        return count
 
     async def wait_for_work(self, timeout: float) -> None:
         self._start()

@@ -40,6 +40,12 @@ def routes(settings: Settings, clock: Callable[[], float]) -> list[BaseRoute]:
         _page("/events/{event_id}", pages.event, name="event"),
         _page("/events/{event_id}/replay", pages.replay, methods=["POST"], name="replay"),
         _page("/deliveries", pages.deliveries, name="deliveries"),
+        _page(
+            "/deliveries/retry",
+            pages.retry_matching,
+            methods=["GET", "POST"],
+            name="retry_matching",
+        ),
         _page("/deliveries/{delivery_id}/retry", pages.retry, methods=["POST"], name="retry"),
         Mount("/static", StaticFiles(packages=[("receiver.ui", "static")]), name="static"),
     ]

@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, get_args
+from urllib.parse import urlencode
 
 import jinja2
 import orjson
@@ -25,18 +27,28 @@ from receiver.models import (
     SUBMIT_FAILED,
     SUBMITTING,
     TIMED_OUT,
-    DeliveryState,
     Event,
     iso,
 )
 from receiver.routes import BadRequest, Services, parse, services
 from receiver.routes.jobs import deliveries_of
-from receiver.routes.schemas import ROW_ID_PATTERN, DeliveriesQuery, JobsQuery
-from receiver.ui.session import checked_form, csrf_token, sign_in
+from receiver.routes.schemas import (
+    ROW_ID_PATTERN,
+    CreatedBetween,
+    DeliveriesQuery,
+    DeliveryFilterState,
+    JobsQuery,
+    RetryMatching,
+    epoch,
+)
+from receiver.ui import jsontree
+from receiver.ui.session import checked_form, csrf_token, sign_in, sign_in_limit
 
 log = structlog.get_logger("receiver.ui")
 Handler = Callable[[Request], Awaitable[Response]]
 JOB_STATUSES = (SUBMITTING, *STATUS_RANK, SUBMIT_FAILED, TIMED_OUT)
+DELIVERY_STATES: tuple[str, ...] = get_args(DeliveryFilterState)
+PRETTY_LIMIT = 256 * 1024  # a prediction is also shown as indented text up to this size
 _ROW_ID = re.compile(ROW_ID_PATTERN)
 
 templates = Jinja2Templates(
@@ -99,10 +111,26 @@ async def signin_form(request: Request) -> Response:
     svc = services(request)
     if svc.settings.admin_token is None:
         return render(request, "signin.html", 403, error="Set RECEIVER_ADMIN_TOKEN to sign in.")
+    # The address the proxy middleware resolved: the client's own behind a trusted proxy.
+    client = request.client.host if request.client else "-"
+    limit = sign_in_limit(request)
+    wait = limit.retry_after(client, svc.clock())
+    if wait:
+        log.warning("ui.signin_limited", client=client, retry_after=wait)
+        answer = render(
+            request,
+            "signin.html",
+            429,
+            error=f"Too many wrong tokens from your address: try again in {wait} s.",
+        )
+        answer.headers["Retry-After"] = str(wait)
+        return answer
     if not sign_in(request, fields.get("token", ""), svc.settings.admin_token, svc.clock()):
-        log.warning("ui.signin_refused", client=request.client.host if request.client else "-")
+        limit.failed(client, svc.clock())
+        log.warning("ui.signin_refused", client=client)
         return render(request, "signin.html", 401, error="That is not the admin token.")
-    log.info("ui.signed_in", client=request.client.host if request.client else "-")
+    limit.succeeded(client)
+    log.info("ui.signed_in", client=client)
     return RedirectResponse(request.url_for("ui:jobs"), status_code=303)
 
 
@@ -116,13 +144,41 @@ async def signout(request: Request) -> Response:
 @page
 async def jobs(request: Request) -> Response:
     q = parse(JobsQuery, query(request), 400)
-    listing = await services(request).store.list_jobs(q.status, q.domain, q.limit, q.cursor)
+    listing = await services(request).store.list_jobs(
+        q.status,
+        q.domain,
+        q.limit,
+        q.cursor,
+        since=epoch(q.since),
+        until=epoch(q.until),
+        search=q.q,
+    )
     more = None
     if listing.next_cursor:
         more = request.url.include_query_params(cursor=listing.next_cursor)
     return render(
-        request, "jobs.html", jobs=listing.items, q=q, statuses=JOB_STATUSES, next_url=more
+        request,
+        "jobs.html",
+        jobs=listing.items,
+        q=q,
+        times=times(q),
+        statuses=JOB_STATUSES,
+        next_url=more,
     )
+
+
+def times(q: CreatedBetween) -> dict[str, dict[str, str]]:
+    """The time filters as the form shows them: `value` in UTC for a datetime-local input
+    (what the page shows without script), `utc` for the script to show in the viewer's zone."""
+    shown = {}
+    for name in ("since", "until"):
+        when = epoch(getattr(q, name))
+        if when is None:
+            shown[name] = {"value": "", "utc": ""}
+        else:
+            at = datetime.fromtimestamp(when, UTC)
+            shown[name] = {"value": at.strftime("%Y-%m-%dT%H:%M:%S"), "utc": iso(when) or ""}
+    return shown
 
 
 def pretty(body: bytes) -> str:
@@ -141,7 +197,16 @@ async def job(request: Request) -> Response:
         raise BadRequest("No such job.", 404)
     the_job, events = found
     deliveries = await deliveries_of(svc.store, events)  # as GET /v1/jobs/{id}
-    timeline = [(event, pretty(event.body), deliveries[event.id]) for event in events]
+    timeline = [
+        (
+            event,
+            jsontree.from_body(event.body),
+            pretty(event.body) if len(event.body) <= PRETTY_LIMIT else None,
+            len(event.body),
+            deliveries[event.id],
+        )
+        for event in events
+    ]
     return render(request, "job.html", job=the_job, timeline=timeline, sinks=svc.sink_names)
 
 
@@ -149,7 +214,9 @@ async def job(request: Request) -> Response:
 async def deliveries(request: Request) -> Response:
     svc = services(request)
     q = parse(DeliveriesQuery, query(request), 400)
-    listing = await svc.store.list_deliveries(q.state, q.sink, q.limit, q.cursor, q.event_id)
+    listing = await svc.store.list_deliveries(
+        q.state, q.sink, q.limit, q.cursor, q.event_id, since=epoch(q.since), until=epoch(q.until)
+    )
     more = None
     if listing.next_cursor:
         more = request.url.include_query_params(cursor=listing.next_cursor)
@@ -158,10 +225,72 @@ async def deliveries(request: Request) -> Response:
         "deliveries.html",
         deliveries=listing.items,
         q=q,
-        states=[s.value for s in DeliveryState],
+        times=times(q),
+        states=DELIVERY_STATES,
         sinks=svc.sink_names,
         next_url=more,
+        filters=filters_of(q),
     )
+
+
+def filters_of(q: CreatedBetween) -> dict[str, str]:
+    """A delivery filter as query fields (what the bulk retry carries from page to page)."""
+    fields = {"state": getattr(q, "state", None), "sink": getattr(q, "sink", None)}
+    fields |= {name: iso(epoch(getattr(q, name))) for name in ("since", "until")}
+    return {k: v for k, v in fields.items() if v}
+
+
+def deliveries_url(request: Request, fields: dict[str, str]) -> str:
+    url = str(request.url_for("ui:deliveries").path)
+    return f"{url}?{urlencode(fields)}" if fields else url
+
+
+@page
+async def retry_matching(request: Request) -> Response:
+    """Retry every delivery the filters match: GET counts them and asks to confirm (a page,
+    so it works without script); the confirmation POSTs back here."""
+    if request.method == "POST":
+        return await retry_confirmed(request)
+    svc = services(request)
+    wanted = parse(RetryMatching, query(request), 400)
+    if wanted.sink is not None and wanted.sink not in svc.sink_names:
+        raise BadRequest(f"No sink named {wanted.sink!r} is configured.", 422)
+    count, newest = await svc.store.count_requeueable(
+        wanted.state, wanted.sink, since=epoch(wanted.since), until=epoch(wanted.until)
+    )
+    fields = filters_of(wanted)
+    return render(
+        request,
+        "retry_matching.html",
+        count=count,
+        upto=newest,
+        fields=fields,
+        back=deliveries_url(request, fields),
+    )
+
+
+async def retry_confirmed(request: Request) -> Response:
+    """The bulk retry, confirmed: every delivery the filters match, up to the newest one
+    counted, back in the queue in one statement."""
+    fields = await checked_form(request)
+    upto = fields.pop("upto", "")
+    if not _ROW_ID.match(upto):
+        raise BadRequest("The confirmation is incomplete; count again.", 400)
+    svc = services(request)
+    wanted = parse(RetryMatching, {k: v for k, v in fields.items() if v}, 400)
+    if wanted.sink is not None and wanted.sink not in svc.sink_names:
+        raise BadRequest(f"No sink named {wanted.sink!r} is configured.", 422)
+    count = await svc.store.requeue_matching(
+        svc.clock(),
+        int(upto),
+        wanted.state,
+        wanted.sink,
+        since=epoch(wanted.since),
+        until=epoch(wanted.until),
+    )
+    log.info("ui.retried_matching", state=wanted.state, sink=wanted.sink, requeued=count)
+    request.session["flash"] = _done(count)
+    return RedirectResponse(deliveries_url(request, filters_of(wanted)), status_code=303)
 
 
 @page

@@ -286,8 +286,9 @@ async def test_a_jobs_page_shows_its_timeline_prediction_and_deliveries(signed: 
     text = page.text
     assert job["id"] in text and job["prediction_id"] in text and event["id"] in text
     assert "by callback" in text and "verified: hmac-sha256" in text
-    assert "&#34;total&#34;: 42.5" in text or "&quot;total&quot;: 42.5" in text
-    assert text.count("<details") == 1 and text.count("s-pending") == 2  # erp and audit
+    assert '<span class="j-k">&#34;total&#34;</span>: <span class="j-num">42.5</span>' in text
+    assert "&#34;total&#34;: 42.5" in text  # and as indented text
+    assert text.count("s-pending") == 2  # erp and audit
 
 
 async def test_a_jobs_page_shows_every_attempt_of_each_delivery(signed: Service) -> None:
@@ -393,3 +394,329 @@ async def test_the_dashboard_works_under_a_path_prefix(tmp_path: Path) -> None:
         assert (await svc.client.get("/receiver/ui/")).status_code == 200
         css = await svc.client.get("/receiver/ui/static/dashboard.css")
         assert css.status_code == 200 and "text/css" in css.headers["content-type"]
+
+
+# -- the prediction as a tree -------------------------------------------------------------------
+
+
+async def job_with_prediction(svc: Service, response: Any) -> str:
+    """The page of a job completed with `response` (JSON, or its text) as its prediction's
+    result."""
+    job = await svc.submit()
+    pred = job["prediction_id"]
+    result = response.encode() if isinstance(response, str) else orjson.dumps(response)
+    body = b'{"id": "%s", "status": "completed", "response": %s}' % (pred.encode(), result)
+    assert (await svc.callback(pred, body)).status_code == 200
+    page = await svc.client.get(f"/ui/jobs/{job['id']}")
+    assert page.status_code == 200
+    return page.text
+
+
+async def test_a_many_page_prediction_opens_on_its_outline(signed: Service) -> None:
+    """A result of 1,000 pages shows as a tree whose page list is closed, in runs of 100 pages
+    each one click away; the top of the prediction is open."""
+    pages = [{"page": i, "text": f"page {i} text"} for i in range(1000)]
+    text = await job_with_prediction(signed, {"pages": pages, "total": 3})
+    assert "<details open><summary>{…} 2 keys</summary>" in text  # the response, open
+    assert "<details><summary>[…] 1000 items</summary>" in text  # the pages, closed
+    runs = re.findall(r"<summary>items (\d+) to (\d+)</summary>", text)
+    assert runs[0] == ("0", "99") and runs[-1] == ("900", "999") and len(runs) == 10
+    assert '<span class="j-str">&#34;page 999 text&#34;</span>' in text
+
+
+async def test_a_deeply_nested_prediction_still_shows(signed: Service) -> None:
+    """A prediction nested 600 levels deep (more than Python's recursion allows) is shown."""
+    deep = '{"next": ' * 600 + '"bottom"' + "}" * 600  # orjson would not write it
+    text = await job_with_prediction(signed, deep)
+    assert '<span class="j-str">&#34;bottom&#34;</span>' in text
+
+
+async def test_prediction_text_is_escaped_in_the_tree(signed: Service) -> None:
+    """Keys and values that look like HTML are shown as text, never run."""
+    text = await job_with_prediction(signed, {"<b>k</b>": "<script>alert(1)</script>"})
+    assert "<script>alert" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "&lt;b&gt;k&lt;/b&gt;" in text
+
+
+# -- jobs filters -------------------------------------------------------------------------------
+
+
+async def submit_with(svc: Service, **metadata: Any) -> dict[str, Any]:
+    r = await svc.client.post(
+        "/v1/jobs",
+        json={"url": "https://e.test/a.pdf", "domain": "document.invoice", "metadata": metadata},
+        headers=ADMIN,
+    )
+    assert r.status_code == 201, r.text
+    job: dict[str, Any] = r.json()
+    return job
+
+
+def listed(page: httpx.Response, *jobs: dict[str, Any]) -> list[bool]:
+    assert page.status_code == 200, page.text
+    return [j["id"] in page.text for j in jobs]
+
+
+async def test_jobs_are_filtered_by_time_range(signed: Service) -> None:
+    """From/to narrow the jobs to those created in that range (UTC, or any zone given)."""
+    early = await signed.submit()  # 2027-01-15T08:00:00Z
+    signed.clock.now += 3600
+    late = await signed.submit()  # 09:00
+    get = signed.client.get
+    assert listed(await get("/ui/?since=2027-01-15T08:30:00Z"), early, late) == [False, True]
+    assert listed(await get("/ui/?until=2027-01-15T08:30"), early, late) == [True, False]
+    # The same instant in another zone; the page shows the range back in UTC for the script.
+    page = await get("/ui/?since=2027-01-15T09:30:00%2B01:00&until=2027-01-15T09:00:01Z")
+    assert listed(page, early, late) == [False, True]
+    assert 'value="2027-01-15T08:30:00" data-utc="2027-01-15T08:30:00Z"' in page.text
+    api = await get("/v1/jobs", params={"since": "2027-01-15T08:30:00Z"}, headers=ADMIN)
+    assert [j["id"] for j in api.json()["items"]] == [late["id"]]
+
+
+async def test_a_job_is_found_by_id_prediction_or_metadata_value(signed: Service) -> None:
+    """The find box matches a job's id, its prediction's id, or a top-level string value of
+    its metadata, exactly; the admin API's `q` does the same."""
+    mine = await submit_with(signed, session_id="sess-42", environment="prod")
+    other = await submit_with(signed, session_id="sess-7")
+    get = signed.client.get
+    for text in (mine["id"], mine["prediction_id"], "sess-42"):
+        assert listed(await get("/ui/", params={"q": text}), mine, other) == [True, False]
+    assert listed(await get("/ui/", params={"q": "prod"}), mine, other) == [True, False]
+    assert listed(await get("/ui/", params={"q": "sess"}), mine, other) == [False, False]
+    combined = await get("/ui/", params={"q": "sess-42", "status": "completed"})
+    assert "No jobs match these filters" in combined.text
+    api = await get("/v1/jobs", params={"q": "sess-7"}, headers=ADMIN)
+    assert [j["id"] for j in api.json()["items"]] == [other["id"]]
+
+
+async def test_filtered_jobs_page_through_every_match_once(signed: Service) -> None:
+    """With a filter on, the "older" link walks every matching job once, newest first."""
+    made = [await submit_with(signed, team="blue" if i % 2 else "red") for i in range(7)]
+    for i, _ in enumerate(made):
+        signed.clock.now += 1 if i % 3 else 0  # some share a creation time
+    blue = [j["id"] for j in made if j["id"] in {m["id"] for m in made[1::2]}]
+    seen: list[str] = []
+    url: str | None = "/ui/?q=blue&limit=2"
+    while url:
+        page = await signed.client.get(url)
+        seen += re.findall(r'<a href="[^"]*/ui/jobs/([^"]+)"><code', page.text)
+        more = re.search(r'href="([^"]+)">Older jobs', page.text)
+        url = more[1].replace("&amp;", "&") if more else None
+    assert seen == sorted(blue, reverse=True)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/ui/?since=yesterday",
+        "/ui/?until=2027-13-01T00:00",
+        "/ui/?cursor=nope",
+        "/ui/deliveries?state=bogus",
+        "/ui/deliveries?since=1800000000",
+        "/ui/deliveries/retry",  # no state: nothing to retry by accident
+    ],
+)
+async def test_bad_filters_are_a_400_page(signed: Service, path: str) -> None:
+    """A malformed filter is refused with a page naming the field, not a crash."""
+    answer = await signed.client.get(path)
+    assert answer.status_code == 400 and "`" in answer.text, answer.text
+
+
+# -- deliveries filters and the bulk retry ---------------------------------------------------------
+
+
+async def dead_deliveries(svc: Service, n: int) -> list[dict[str, Any]]:
+    """`n` completed jobs whose two deliveries (erp, audit) died; their events."""
+    events = []
+    for _ in range(n):
+        _, event = await completed_job(svc)
+        events.append(event)
+        svc.clock.now += 60
+    await send_all(svc, "dead")
+    return events
+
+
+async def test_deliveries_are_filtered_by_state_sink_and_time(signed: Service) -> None:
+    """The deliveries page narrows by state (retrying: pending after a failed attempt), by
+    sink, and by creation time."""
+    await dead_deliveries(signed, 2)  # created 08:00 and 08:01
+    get = signed.client.get
+    assert (await get("/ui/deliveries?state=dead")).text.count("s-dead") == 4
+    assert (await get("/ui/deliveries?state=dead&sink=erp")).text.count("s-dead") == 2
+    late = await get("/ui/deliveries?state=dead&since=2027-01-15T08:00:30Z")
+    assert late.text.count("s-dead") == 2
+    # A failed attempt that will be tried again: retrying.
+    _, event = await completed_job(signed)
+    now = signed.clock()
+    store = signed.app.state.services.store
+    claimed = await store.claim(now, 100, 30)
+    attempts = [
+        Attempt(
+            c.delivery.id,
+            1,
+            now,
+            1.0,
+            503,
+            "HTTP 503",
+            "",
+            "pending",
+            now + 60,
+            c.lease_until,
+            c.lease,
+        )
+        for c in claimed
+    ]
+    await store.finish(attempts, now)
+    retrying = await get("/ui/deliveries?state=retrying")
+    assert retrying.text.count("HTTP 503") == 2 and "s-dead" not in retrying.text
+    api = await get("/v1/deliveries", params={"state": "retrying", "sink": "erp"}, headers=ADMIN)
+    assert [d["event_id"] for d in api.json()["items"]] == [event["id"]]
+
+
+async def test_every_matching_dead_delivery_is_retried_after_a_confirm(signed: Service) -> None:
+    """ "Retry every dead delivery" shows how many match and asks to confirm; confirming
+    requeues exactly those (not other sinks', not those that died after the count)."""
+    await dead_deliveries(signed, 3)
+    listing = await signed.client.get("/ui/deliveries?state=dead&sink=erp")
+    link = re.search(r'href="([^"]+)">Retry every dead delivery', listing.text)
+    assert link, listing.text
+    confirm = await signed.client.get(link[1].replace("&amp;", "&"))
+    assert confirm.status_code == 200 and "<strong>3</strong> deliveries match" in confirm.text
+    fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', confirm.text))
+    assert fields["state"] == "dead" and fields["sink"] == "erp"
+    await dead_deliveries(signed, 1)  # one more dies for erp after the count
+    answer = await signed.client.post("/ui/deliveries/retry", data=fields)
+    assert answer.status_code == 303
+    assert answer.headers["location"] == "/ui/deliveries?state=dead&sink=erp"
+    after = await signed.client.get(answer.headers["location"])
+    assert "Requeued 3 deliveries" in after.text and after.text.count("s-dead") == 1
+    states = await signed.client.get("/v1/deliveries?limit=100", headers=ADMIN)
+    by_state: dict[tuple[str, str], int] = {}
+    for d in states.json()["items"]:
+        by_state[(d["sink"], d["state"])] = by_state.get((d["sink"], d["state"]), 0) + 1
+    assert by_state == {("erp", "pending"): 3, ("erp", "dead"): 1, ("audit", "dead"): 4}
+
+
+async def test_a_bulk_retry_needs_the_csrf_token_and_our_origin(signed: Service) -> None:
+    """The bulk retry is refused (403) without the page's CSRF token or from another site,
+    and then nothing is requeued."""
+    await dead_deliveries(signed, 1)
+    confirm = await signed.client.get("/ui/deliveries/retry?state=dead")
+    fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', confirm.text))
+    forged = {k: v for k, v in fields.items() if k != "csrf"}
+    assert (await signed.client.post("/ui/deliveries/retry", data=forged)).status_code == 403
+    evil = {"Origin": "https://evil.test"}
+    answer = await signed.client.post("/ui/deliveries/retry", data=fields, headers=evil)
+    assert answer.status_code == 403
+    dead = await signed.client.get("/v1/deliveries?state=dead", headers=ADMIN)
+    assert len(dead.json()["items"]) == 2
+
+
+async def test_a_bulk_retry_with_nothing_to_retry_says_so(signed: Service) -> None:
+    """When no delivery matches, the confirm page says there is nothing to retry, no button."""
+    page = await signed.client.get("/ui/deliveries/retry?state=dead&sink=erp")
+    assert page.status_code == 200 and "nothing to retry" in page.text
+    assert 'name="upto"' not in page.text  # no confirm button
+
+
+async def test_the_api_retries_every_delivery_a_filter_matches(signed: Service) -> None:
+    """POST /v1/deliveries/retry requeues what the filters match and says how many; a state
+    is required and an unknown sink is refused."""
+    await dead_deliveries(signed, 2)
+    post_ = signed.client.post
+    answer = await post_(
+        "/v1/deliveries/retry", json={"state": "dead", "sink": "audit"}, headers=ADMIN
+    )
+    assert answer.status_code == 202 and answer.json() == {"requeued": 2}
+    assert (await post_("/v1/deliveries/retry", json={}, headers=ADMIN)).status_code == 422
+    unknown = await post_(
+        "/v1/deliveries/retry", json={"state": "dead", "sink": "nope"}, headers=ADMIN
+    )
+    assert unknown.status_code == 422 and "nope" in unknown.text
+    again = await post_(
+        "/v1/deliveries/retry", json={"state": "dead", "sink": "audit"}, headers=ADMIN
+    )
+    assert again.json() == {"requeued": 0}
+
+
+# -- sign-in attempts ----------------------------------------------------------------------------
+
+
+def client_at(svc: Service, address: str) -> httpx.AsyncClient:
+    """A browser at `address` (the socket peer the service sees)."""
+    transport = httpx.ASGITransport(app=svc.app, client=(address, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="http://receiver.test")
+
+
+async def test_repeated_wrong_tokens_are_slowed_per_client(
+    service: Service, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After 5 wrong tokens in a minute a client gets 429 with Retry-After, even with the
+    right token, while another client can still sign in; a minute later it can try again.
+    No log line carries a token."""
+    async with (
+        client_at(service, "198.51.100.7") as mallory,
+        client_at(service, "198.51.100.8") as alice,
+    ):
+        for _ in range(5):
+            assert (await sign_in(mallory, "guess-token-xyz")).status_code == 401
+        limited = await sign_in(mallory, "guess-token-xyz")
+        assert limited.status_code == 429 and limited.headers["retry-after"] == "60"
+        assert "try again in 60 s" in limited.text
+        assert (await sign_in(mallory)).status_code == 429  # the right token waits too
+        assert (await sign_in(alice)).status_code == 303
+        service.clock.now += 60
+        assert (await sign_in(mallory)).status_code == 303
+    logs = capsys.readouterr().out
+    assert "ui.signin_limited" in logs and "198.51.100.7" in logs
+    assert "guess-token-xyz" not in logs and TOKEN not in logs
+
+
+async def test_behind_a_trusted_proxy_each_forwarded_client_is_counted(service: Service) -> None:
+    """Behind a trusted proxy (the socket peer), clients are told apart by the address the
+    proxy forwards: one client's failures do not lock out another."""
+    async with client_at(service, "127.0.0.1") as proxy:
+        one = {"X-Forwarded-For": "203.0.113.1"}
+        for _ in range(5):
+            form = await proxy.get("/ui/signin", headers=one)
+            await proxy.post("/ui/signin", data={"token": "x", "csrf": csrf_of(form)}, headers=one)
+        form = await proxy.get("/ui/signin", headers=one)
+        answer = await proxy.post(
+            "/ui/signin", data={"token": "x", "csrf": csrf_of(form)}, headers=one
+        )
+        assert answer.status_code == 429
+        two = {"X-Forwarded-For": "203.0.113.2"}
+        form = await proxy.get("/ui/signin", headers=two)
+        answer = await proxy.post(
+            "/ui/signin", data={"token": TOKEN, "csrf": csrf_of(form)}, headers=two
+        )
+        assert answer.status_code == 303
+
+
+async def test_an_untrusted_peer_cannot_dodge_the_limit_with_forwarded_headers(
+    service: Service,
+) -> None:
+    """A client that is not a trusted proxy is counted by its own address, whatever
+    X-Forwarded-For it sends."""
+    async with client_at(service, "198.51.100.9") as mallory:
+        for i in range(6):
+            spoof = {"X-Forwarded-For": f"203.0.113.{i}"}
+            form = await mallory.get("/ui/signin", headers=spoof)
+            answer = await mallory.post(
+                "/ui/signin", data={"token": "x", "csrf": csrf_of(form)}, headers=spoof
+            )
+        assert answer.status_code == 429
+
+
+async def test_an_ipv6_client_is_counted_by_its_64_block(service: Service) -> None:
+    """Addresses of one IPv6 /64 share one count (a host holds the block); another block
+    does not."""
+    async with (
+        client_at(service, "2001:db8:1:1::a") as first,
+        client_at(service, "2001:db8:1:1::b") as same_block,
+        client_at(service, "2001:db8:1:2::a") as other_block,
+    ):
+        for _ in range(5):
+            assert (await sign_in(first, "wrong")).status_code == 401
+        assert (await sign_in(same_block)).status_code == 429
+        assert (await sign_in(other_block)).status_code == 303
