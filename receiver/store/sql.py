@@ -26,7 +26,7 @@ from receiver.models import (
     Job,
     status_rank,
 )
-from receiver.store import Attempt, Page, Stats
+from receiver.store import OVERVIEW_MINUTES, Attempt, Minute, Overview, Page, Stats
 
 JOB_COLUMNS = (
     "id, kind, domain, status, prediction_id, created_at, updated_at, request, error,"
@@ -469,3 +469,127 @@ def prune_batch(conn: sqlite3.Connection, statement: str, before: float, limit: 
 def stats(conn: sqlite3.Connection, now: float) -> Stats:
     due, oldest, dead, outstanding = conn.execute(STATS, (now, now, TERMINAL_RANK)).fetchone()
     return Stats(due, max(0.0, now - oldest) if oldest else 0.0, dead, outstanding)
+
+
+# -- the dashboard's overview (receiver/ui/overview.py) ---------------------------------------
+# Counts over indexed columns: jobs (status, id) and deliveries (sink, state) answer from the
+# index alone; the undelivered rows and the overdue jobs are few. The last hour's activity:
+# - events by their id, which starts with the time it was made in ms (`models.new_id`): the
+#   primary key bounds the scan to the hour (received_at has no index, to spare callbacks);
+# - deliveries delivered, through (state, next_attempt_at): a delivered row keeps the time
+#   its send ended as next_attempt_at (FINISH);
+# - failed attempts by started_at, which has no index: a scan of the attempt log (pruned at
+#   `retention_days`). An index on attempts (started_at) would bound it to the hour.
+# `{minute}` is the dialect's whole minutes since the window opened: SQLite's CAST truncates,
+# PostgreSQL's rounds, so it is FLOOR there.
+OVERVIEW_MINUTE = {
+    "sqlite": "CAST(({column} - ?) / 60 AS INTEGER)",
+    "postgres": "FLOOR(({column} - ?) / 60)",
+}
+JOBS_BY_STATUS = "SELECT status, COUNT(*) FROM jobs GROUP BY status"
+DELIVERIES_BY_SINK = "SELECT sink, state, COUNT(*) FROM deliveries GROUP BY sink, state"
+OLDEST_UNDELIVERED = (
+    "SELECT sink, MIN(created_at) FROM deliveries WHERE state IN ('pending', 'leased')"
+    " GROUP BY sink"
+)
+# A delivered row's error is cleared, so a sink's last error is on a row still waiting or dead.
+LAST_ERROR = (
+    "SELECT last_error, updated_at FROM deliveries WHERE sink = ? AND state IN ('pending', 'dead')"
+    " AND last_error IS NOT NULL ORDER BY updated_at DESC LIMIT 1"
+)
+RECONCILER_QUEUE = (
+    "SELECT COUNT(CASE WHEN next_poll_at <= ? THEN 1 END), MIN(next_poll_at) FROM jobs"
+    f" WHERE next_poll_at IS NOT NULL AND status_rank < {TERMINAL_RANK}"
+)
+CALLBACKS_PER_MINUTE = (
+    "SELECT {minute} AS m, COUNT(*) FROM events"
+    " WHERE id >= ? AND received_at >= ? AND source = 'callback' GROUP BY m"
+)
+DELIVERED_PER_MINUTE = (
+    "SELECT {minute} AS m, COUNT(*) FROM deliveries"
+    " WHERE state = 'delivered' AND next_attempt_at >= ? GROUP BY m"
+)
+FAILED_PER_MINUTE = (
+    "SELECT {minute} AS m, COUNT(*) FROM attempts"
+    " WHERE started_at >= ? AND error IS NOT NULL GROUP BY m"
+)
+LATENCIES = """
+SELECT d.next_attempt_at, d.delivered_at - e.received_at
+FROM deliveries d JOIN events e ON e.id = d.event_id
+WHERE d.state = 'delivered' AND d.next_attempt_at >= ?
+ORDER BY d.next_attempt_at DESC LIMIT ?
+"""
+LATENCY_SAMPLE = 5000  # the most recent deliveries of the hour the percentiles are taken over
+EVENT_ID_SLACK = 600.0  # seconds: ids are made by the clock of the process that recorded them
+
+
+def per_minute(statement: str, dialect: str, column: str) -> str:
+    return statement.format(minute=OVERVIEW_MINUTE[dialect].format(column=column))
+
+
+def first_event_id(since: float) -> str:
+    """The smallest event id made at `since` less the slack (see `models.new_id`)."""
+    return f"evt_{max(0, int((since - EVENT_ID_SLACK) * 1000)):012x}"
+
+
+def overview_of(
+    jobs: Sequence[Sequence[Any]],
+    deliveries: Sequence[Sequence[Any]],
+    oldest: Sequence[Sequence[Any]],
+    last_errors: dict[str, tuple[str, float]],
+    reconciler: Sequence[Any],
+    callbacks: Sequence[Sequence[Any]],
+    delivered: Sequence[Sequence[Any]],
+    failed: Sequence[Sequence[Any]],
+    latencies: Sequence[Sequence[Any]],
+    since: float,
+) -> Overview:
+    """The overview from the rows of the statements above (the same for both backends)."""
+    by_sink: dict[str, dict[str, int]] = {}
+    for sink, state, count in deliveries:
+        by_sink.setdefault(sink, {})[state] = int(count)
+    minutes = [Minute(since + 60 * i) for i in range(OVERVIEW_MINUTES)]
+    for rows, field in ((callbacks, "callbacks"), (delivered, "delivered"), (failed, "failed")):
+        for index, count in rows:
+            if 0 <= int(index) < OVERVIEW_MINUTES:
+                setattr(minutes[int(index)], field, int(count))
+    overdue, next_poll_at = reconciler
+    return Overview(
+        jobs={status: int(count) for status, count in jobs},
+        deliveries=by_sink,
+        oldest_undelivered={sink: float(at) for sink, at in oldest},
+        last_errors=last_errors,
+        overdue=int(overdue or 0),
+        next_poll_at=next_poll_at,
+        minutes=minutes,
+        latencies=[(float(at), float(seconds)) for at, seconds in latencies],
+    )
+
+
+def overview(conn: sqlite3.Connection, now: float) -> Overview:
+    since = now - 60 * OVERVIEW_MINUTES
+    deliveries = conn.execute(DELIVERIES_BY_SINK).fetchall()
+    errors: dict[str, tuple[str, float]] = {}
+    for sink in sorted({s for s, state, _ in deliveries if state in ("pending", "dead")}):
+        row = conn.execute(LAST_ERROR, (sink,)).fetchone()
+        if row is not None:
+            errors[sink] = (row[0], row[1])
+    return overview_of(
+        conn.execute(JOBS_BY_STATUS).fetchall(),
+        deliveries,
+        conn.execute(OLDEST_UNDELIVERED).fetchall(),
+        errors,
+        conn.execute(RECONCILER_QUEUE, (now,)).fetchone(),
+        conn.execute(
+            per_minute(CALLBACKS_PER_MINUTE, "sqlite", "received_at"),
+            (since, first_event_id(since), since),
+        ).fetchall(),
+        conn.execute(
+            per_minute(DELIVERED_PER_MINUTE, "sqlite", "next_attempt_at"), (since, since)
+        ).fetchall(),
+        conn.execute(
+            per_minute(FAILED_PER_MINUTE, "sqlite", "started_at"), (since, since)
+        ).fetchall(),
+        conn.execute(LATENCIES, (since, LATENCY_SAMPLE)).fetchall(),
+        since,
+    )

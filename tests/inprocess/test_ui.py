@@ -114,11 +114,11 @@ async def test_without_a_session_only_the_sign_in_form_shows(
 
 
 async def test_the_right_token_signs_in_and_shows_the_jobs(service: Service) -> None:
-    """Signing in with the admin token opens the jobs page."""
+    """Signing in with the admin token opens the dashboard, whose jobs page lists the job."""
     job = await service.submit()
     answer = await sign_in(service.client)
     assert answer.status_code == 303 and answer.headers["location"] == "http://receiver.test/ui/"
-    jobs = await service.client.get("/ui/")
+    jobs = await service.client.get("/ui/jobs")
     assert jobs.status_code == 200 and job["id"] in jobs.text
 
 
@@ -234,13 +234,13 @@ async def test_the_jobs_page_lists_newest_first_filters_and_pages(signed: Servic
     first = await signed.submit()
     signed.clock.now += 1
     second, _ = await completed_job(signed)
-    page = (await signed.client.get("/ui/")).text
+    page = (await signed.client.get("/ui/jobs")).text
     assert page.index(second["id"]) < page.index(first["id"])
     assert '<time datetime="2027-01-15T08:00:01Z">' in page
-    done = (await signed.client.get("/ui/?status=completed")).text
+    done = (await signed.client.get("/ui/jobs?status=completed")).text
     assert second["id"] in done and first["id"] not in done
-    assert first["id"] not in (await signed.client.get("/ui/?domain=document.resume")).text
-    one = await signed.client.get("/ui/?limit=1")
+    assert first["id"] not in (await signed.client.get("/ui/jobs?domain=document.resume")).text
+    one = await signed.client.get("/ui/jobs?limit=1")
     assert second["id"] in one.text and first["id"] not in one.text
     older = re.search(r'href="([^"]+)">Older jobs', one.text)
     assert older, one.text
@@ -262,8 +262,8 @@ async def test_a_job_is_found_by_its_id_or_an_events(signed: Service) -> None:
 @pytest.mark.parametrize(
     ("path", "status"),
     [
-        ("/ui/?limit=0", 400),
-        ("/ui/?limit=abc", 400),
+        ("/ui/jobs?limit=0", 400),
+        ("/ui/jobs?limit=abc", 400),
         ("/ui/deliveries?state=bogus", 400),
         ("/ui/jobs/job_nope", 404),
         ("/ui/events/evt_nope", 404),
