@@ -46,7 +46,7 @@ from receiver.models import (
     Route,
     status_rank,
 )
-from receiver.store import OVERVIEW_MINUTES, Attempt, Overview, Page, Stats, recording, sql
+from receiver.store import Attempt, Overview, Page, Stats, recording, sql
 from receiver.store.groupcommit import GroupCommit
 from receiver.store.recording import Row, Statement
 from receiver.store.schema import MIGRATIONS, VERSION_TABLE, render
@@ -493,7 +493,7 @@ class PostgresStore:
         return Stats(due, max(0.0, now - oldest) if oldest else 0.0, dead, outstanding)
 
     async def overview(self, now: float) -> Overview:
-        since = now - 60 * OVERVIEW_MINUTES
+        since = sql.window_start(now)
         async with self._conn() as conn:
             deliveries = await conn.fetch(sql.DELIVERIES_BY_SINK)
             errors: dict[str, tuple[str, float]] = {}

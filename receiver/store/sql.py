@@ -523,6 +523,11 @@ LATENCY_SAMPLE = 5000  # the most recent deliveries of the hour the percentiles 
 EVENT_ID_SLACK = 600.0  # seconds: ids are made by the clock of the process that recorded them
 
 
+def window_start(now: float) -> float:
+    """Where the overview's hour starts: whole minutes, the last one the minute of `now`."""
+    return (now // 60 - (OVERVIEW_MINUTES - 1)) * 60
+
+
 def per_minute(statement: str, dialect: str, column: str) -> str:
     return statement.format(minute=OVERVIEW_MINUTE[dialect].format(column=column))
 
@@ -567,7 +572,7 @@ def overview_of(
 
 
 def overview(conn: sqlite3.Connection, now: float) -> Overview:
-    since = now - 60 * OVERVIEW_MINUTES
+    since = window_start(now)
     deliveries = conn.execute(DELIVERIES_BY_SINK).fetchall()
     errors: dict[str, tuple[str, float]] = {}
     for sink in sorted({s for s, state, _ in deliveries if state in ("pending", "dead")}):
