@@ -41,7 +41,11 @@ function drawCharts(root) {
       height: 190,
       scales: { x: { time: true } },
       axes: [axis, axis],
-      series: [{}, ...series.map(([label, stroke]) => ({ label, stroke: color(stroke), width: 2, spanGaps: true }))],
+      legend: { live: false },
+      // Points drawn too: a minute alone between empty ones (a latency) is a dot, not a line.
+      series: [{}, ...series.map(([label, stroke]) => ({
+        label, stroke: color(stroke), width: 2, spanGaps: true, points: { show: true, size: 4 },
+      }))],
     };
     el.replaceChildren();
     drawn.set(el, new uPlot(opts, JSON.parse(el.dataset.points), el));
