@@ -496,8 +496,12 @@ class PostgresStore:
         since = sql.window_start(now)
         async with self._conn() as conn:
             deliveries = await conn.fetch(sql.DELIVERIES_BY_SINK)
+            oldest: dict[str, float] = {}
+            for sink, state in sql.waiting(deliveries, ("pending", "leased")):
+                at = await conn.fetchval(_pg(sql.OLDEST_IN_STATE), sink, state)
+                oldest[sink] = min(at, oldest.get(sink, at))
             errors: dict[str, tuple[str, float]] = {}
-            for sink in sorted({r[0] for r in deliveries if r[1] in ("pending", "dead")}):
+            for sink in sorted({sink for sink, _ in sql.waiting(deliveries, ("pending", "dead"))}):
                 row = await conn.fetchrow(_pg(sql.LAST_ERROR), sink)
                 if row is not None:
                     errors[sink] = (row[0], row[1])
@@ -505,7 +509,7 @@ class PostgresStore:
             return sql.overview_of(
                 await conn.fetch(sql.JOBS_BY_STATUS),
                 deliveries,
-                await conn.fetch(sql.OLDEST_UNDELIVERED),
+                oldest,
                 errors,
                 await conn.fetchrow(_pg(sql.RECONCILER_QUEUE), now),
                 await conn.fetch(

@@ -488,9 +488,10 @@ OVERVIEW_MINUTE = {
 }
 JOBS_BY_STATUS = "SELECT status, COUNT(*) FROM jobs GROUP BY status"
 DELIVERIES_BY_SINK = "SELECT sink, state, COUNT(*) FROM deliveries GROUP BY sink, state"
-OLDEST_UNDELIVERED = (
-    "SELECT sink, MIN(created_at) FROM deliveries WHERE state IN ('pending', 'leased')"
-    " GROUP BY sink"
+# Ids count up as rows are made: a sink's oldest row in a state is the first in the index on
+# (sink, state), whose entries SQLite orders by id (MIN(created_at) read every waiting row).
+OLDEST_IN_STATE = (
+    "SELECT created_at FROM deliveries WHERE sink = ? AND state = ? ORDER BY id LIMIT 1"
 )
 # A delivered row's error is cleared, so a sink's last error is on a row still waiting or dead.
 LAST_ERROR = (
@@ -537,10 +538,15 @@ def first_event_id(since: float) -> str:
     return f"evt_{max(0, int((since - EVENT_ID_SLACK) * 1000)):012x}"
 
 
+def waiting(deliveries: Sequence[Sequence[Any]], states: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The (sink, state) pairs of DELIVERIES_BY_SINK's rows in `states`."""
+    return sorted((sink, state) for sink, state, _ in deliveries if state in states)
+
+
 def overview_of(
     jobs: Sequence[Sequence[Any]],
     deliveries: Sequence[Sequence[Any]],
-    oldest: Sequence[Sequence[Any]],
+    oldest: dict[str, float],
     last_errors: dict[str, tuple[str, float]],
     reconciler: Sequence[Any],
     callbacks: Sequence[Sequence[Any]],
@@ -562,7 +568,7 @@ def overview_of(
     return Overview(
         jobs={status: int(count) for status, count in jobs},
         deliveries=by_sink,
-        oldest_undelivered={sink: float(at) for sink, at in oldest},
+        oldest_undelivered=oldest,
         last_errors=last_errors,
         overdue=int(overdue or 0),
         next_poll_at=next_poll_at,
@@ -574,15 +580,19 @@ def overview_of(
 def overview(conn: sqlite3.Connection, now: float) -> Overview:
     since = window_start(now)
     deliveries = conn.execute(DELIVERIES_BY_SINK).fetchall()
+    oldest: dict[str, float] = {}
+    for sink, state in waiting(deliveries, ("pending", "leased")):
+        (at,) = conn.execute(OLDEST_IN_STATE, (sink, state)).fetchone()
+        oldest[sink] = min(at, oldest.get(sink, at))
     errors: dict[str, tuple[str, float]] = {}
-    for sink in sorted({s for s, state, _ in deliveries if state in ("pending", "dead")}):
+    for sink in sorted({sink for sink, _ in waiting(deliveries, ("pending", "dead"))}):
         row = conn.execute(LAST_ERROR, (sink,)).fetchone()
         if row is not None:
             errors[sink] = (row[0], row[1])
     return overview_of(
         conn.execute(JOBS_BY_STATUS).fetchall(),
         deliveries,
-        conn.execute(OLDEST_UNDELIVERED).fetchall(),
+        oldest,
         errors,
         conn.execute(RECONCILER_QUEUE, (now,)).fetchone(),
         conn.execute(

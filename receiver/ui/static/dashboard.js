@@ -44,7 +44,7 @@ function drawCharts(root) {
       legend: { live: false },
       // Points drawn too: a minute alone between empty ones (a latency) is a dot, not a line.
       series: [{}, ...series.map(([label, stroke]) => ({
-        label, stroke: color(stroke), width: 2, spanGaps: true, points: { show: true, size: 4 },
+        label, stroke: color(stroke), width: 2, spanGaps: true, points: { show: true, size: 6 },
       }))],
     };
     el.replaceChildren();
