@@ -60,6 +60,8 @@ def test_sign_in_open_a_job_replay_it_and_sign_out(browser: Browser, served: Pro
     errors.clear()
     page.get_by_label("Admin token").fill(ADMIN_TOKEN)
     page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Overview")).to_be_visible()  # the landing page
+    page.get_by_role("navigation").get_by_role("link", name="Jobs").click()
 
     expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
     link = page.get_by_role("link", name=job["id"])

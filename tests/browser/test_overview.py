@@ -132,6 +132,16 @@ def test_a_job_submitted_on_the_page_completes_there_without_a_reload(
     section = page.locator("#sink-crm")
     expect(section.locator("[data-last-error]")).to_contain_text("Cannot connect")
     expect(section.locator(".circuit")).to_have_text("closed")
+
+    # A file, uploaded to VLM Run first, as POST /v1/jobs does with a multipart body.
+    page.get_by_role("navigation").get_by_role("link", name="Submit").click()
+    page.get_by_label("File").set_input_files(
+        {"name": "receipt.pdf", "mimeType": "application/pdf", "buffer": b"%PDF-1.4 receipt"}
+    )
+    page.get_by_label("Domain").fill("document.receipt")
+    page.get_by_role("button", name="Submit").click()
+    expect(page.get_by_role("heading", name=re.compile(r"^Job job_"))).to_be_visible()
+    expect(page.locator("dl.facts")).to_contain_text("receipt.pdf")
     page.context.close()
     assert errors == []
 

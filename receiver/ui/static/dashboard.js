@@ -42,9 +42,10 @@ function drawCharts(root) {
       scales: { x: { time: true } },
       axes: [axis, axis],
       legend: { live: false },
-      // Points drawn too: a minute alone between empty ones (a latency) is a dot, not a line.
+      // Latency has points: a minute alone between empty ones is a dot, not nothing.
       series: [{}, ...series.map(([label, stroke]) => ({
-        label, stroke: color(stroke), width: 2, spanGaps: true, points: { show: true, size: 6 },
+        label, stroke: color(stroke), width: 2, spanGaps: true,
+        points: { show: el.dataset.chart === "latency", size: 6 },
       }))],
     };
     el.replaceChildren();
