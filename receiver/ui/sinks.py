@@ -37,6 +37,7 @@ MASK = "***"
 # Query parameters that may carry a credential: their values are never shown.
 SECRET_PARAM = re.compile(r"pass|secret|token|key|sig|auth|cred", re.IGNORECASE)
 TEST_GRACE = 5.0  # seconds beyond the sink's own timeout before a test send is given up
+TEXT_MAX = 600  # characters of a test's answer kept: the session is a cookie (4 kB at most)
 
 
 def masked_url(url: str) -> str:
@@ -84,10 +85,13 @@ async def sinks(request: Request) -> Response:
         }
         for c in configs
     ]
+    # The last test event's answer, shown once, in its sink's section (where the page opens).
+    tested = request.session.pop("sink_test") if "sink_test" in request.session else None
     return render(
         request,
         "sinks.html",
         sinks=shown,
+        tested=tested,
         o=found,
         circuits=overview.circuits(request, svc, now),
         elsewhere=overview.ELSEWHERE,
@@ -126,13 +130,14 @@ async def test(request: Request) -> Response:
         took = (time.perf_counter() - started) * 1000
         reason = exc.reason if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
         log.info("ui.sink_tested", sink=name, event_id=message.event_id, ok=False, error=reason)
-        request.session["flash"] = f"Test event to {name} failed after {took:.0f} ms: {reason}"
+        text = f"Test event to {name} failed after {took:.0f} ms: {reason}"
+        request.session["sink_test"] = {"sink": name, "ok": False, "text": text[:TEXT_MAX]}
     else:
         took = (time.perf_counter() - started) * 1000
         answer = f"status {receipt.status_code}" if receipt.status_code is not None else "taken"
         log.info("ui.sink_tested", sink=name, event_id=message.event_id, ok=True)
-        request.session["flash"] = (
-            f"Test event {message.event_id} sent to {name}: {answer} in {took:.0f} ms"
-            + (f"; it answered {receipt.snippet[:200]!r}" if receipt.snippet else "")
+        text = f"Test event {message.event_id} sent to {name}: {answer} in {took:.0f} ms" + (
+            f"; it answered {receipt.snippet[:200]!r}" if receipt.snippet else ""
         )
+        request.session["sink_test"] = {"sink": name, "ok": True, "text": text[:TEXT_MAX]}
     return RedirectResponse(f"{request.url_for('ui:sinks')}#sink-{name}", status_code=303)

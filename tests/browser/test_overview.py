@@ -132,6 +132,10 @@ def test_a_job_submitted_on_the_page_completes_there_without_a_reload(
     section = page.locator("#sink-crm")
     expect(section.locator("[data-last-error]")).to_contain_text("Cannot connect")
     expect(section.locator(".circuit")).to_have_text("closed")
+    section.get_by_role("button", name="Send a test event").click()
+    expect(page.locator("#sink-crm").get_by_role("status")).to_contain_text("failed")
+    page.locator("#sink-archive").get_by_role("button", name="Send a test event").click()
+    expect(page.locator("#sink-archive").get_by_role("status")).to_contain_text("sent to archive")
 
     # A file, uploaded to VLM Run first, as POST /v1/jobs does with a multipart body.
     page.get_by_role("navigation").get_by_role("link", name="Submit").click()
