@@ -159,6 +159,17 @@ async def test_breakers_are_shown_only_by_the_process_that_runs_them(
         assert sinks.count("run by another process") == 2
 
 
+async def test_the_reconcilers_pause_after_a_429_is_shown(tmp_path: Path) -> None:
+    """In the process that reconciles, a pause after a 429 shows with its end."""
+    async with running(tmp_path, worker=True) as svc:
+        await sign_in(svc.client)
+        before = (await svc.client.get("/ui/")).text
+        assert re.search(r"Paused after a 429</td><td>\s*no</td>", before), before
+        svc.app.state.reconciler.throttled_until = svc.clock() + 60
+        page = (await svc.client.get("/ui/")).text
+    assert '<span class="err">until <time datetime="2027-01-15T08:01:00Z">' in page
+
+
 async def test_a_job_page_follows_the_job_until_it_is_settled(signed: Service) -> None:
     """A pending job's page asks to be fetched again; once completed and delivered, not."""
     job = await signed.submit()
