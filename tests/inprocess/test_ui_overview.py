@@ -83,6 +83,34 @@ async def send(svc: Service, outcomes: dict[str, tuple[str, str | None]], took: 
     await store_of(svc).finish(attempts, now)
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/ui/"),
+        ("GET", "/ui/overview/live"),
+        ("GET", "/ui/submit"),
+        ("POST", "/ui/submit"),
+        ("GET", "/ui/sinks"),
+        ("POST", "/ui/sinks/erp/test"),
+    ],
+)
+async def test_without_a_session_these_pages_show_nothing(
+    tmp_path: Path, sinks_file: Path, method: str, path: str
+) -> None:
+    """Without signing in, the overview, Submit and Sinks pages and their actions lead to
+    the sign-in form and show no data; nothing is submitted nor sent."""
+    async with running(tmp_path, sinks_file=str(sinks_file)) as svc:
+        await svc.submit()
+        answer = await svc.client.request(
+            method, path, data={"domain": "a.b", "url": "https://e.test/x"}
+        )
+        assert answer.status_code == 303
+        assert answer.headers["location"] == "http://receiver.test/ui/signin"
+        assert "job_" not in answer.text and "erp" not in answer.text
+        assert list(svc.api.callback_paths) == ["pred_1"]  # only the job made above
+    assert not (tmp_path / "erp.jsonl").exists()
+
+
 async def test_the_store_sums_up_jobs_deliveries_and_the_last_hour(signed: Service) -> None:
     """store.overview counts jobs by status and deliveries by state per sink, finds each
     sink's oldest waiting row and last error, the overdue jobs, and the last hour's
