@@ -522,7 +522,7 @@ class PostgresStore:
                     _pg(minute(sql.DELIVERED_PER_MINUTE, column="next_attempt_at")), since, since
                 ),
                 await conn.fetch(
-                    _pg(minute(sql.FAILED_PER_MINUTE, column="started_at")), since, since
+                    _pg(minute(sql.FAILED_PER_MINUTE, column="a.started_at")), since, since, since
                 ),
                 await conn.fetch(_pg(sql.LATENCIES), since, sql.LATENCY_SAMPLE),
                 since,

@@ -478,8 +478,7 @@ def stats(conn: sqlite3.Connection, now: float) -> Stats:
 #   primary key bounds the scan to the hour (received_at has no index, to spare callbacks);
 # - deliveries delivered, through (state, next_attempt_at): a delivered row keeps the time
 #   its send ended as next_attempt_at (FINISH);
-# - failed attempts by started_at, which has no index: a scan of the attempt log (pruned at
-#   `retention_days`). An index on attempts (started_at) would bound it to the hour.
+# - failed sends, through the deliveries sent in the hour (FAILED_PER_MINUTE).
 # `{minute}` is the dialect's whole minutes since the window opened: SQLite's CAST truncates,
 # PostgreSQL's rounds, so it is FLOOR there.
 OVERVIEW_MINUTE = {
@@ -510,10 +509,16 @@ DELIVERED_PER_MINUTE = (
     "SELECT {minute} AS m, COUNT(*) FROM deliveries"
     " WHERE state = 'delivered' AND next_attempt_at >= ? GROUP BY m"
 )
-FAILED_PER_MINUTE = (
-    "SELECT {minute} AS m, COUNT(*) FROM attempts"
-    " WHERE started_at >= ? AND error IS NOT NULL GROUP BY m"
-)
+# Every write of a delivery leaves next_attempt_at at or after its last attempt (the end of a
+# send, a retry's due time, a requeue's now), so a send of the last hour is an attempt of a
+# row that (state, next_attempt_at) finds: the hour's rows and the retry backlog, not the
+# whole attempt log (kept `retention_days`), which has no index by time.
+FAILED_PER_MINUTE = """
+SELECT {minute} AS m, COUNT(*) FROM deliveries d JOIN attempts a ON a.delivery_id = d.id
+WHERE d.state IN ('pending', 'leased', 'delivered', 'dead') AND d.next_attempt_at >= ?
+  AND a.started_at >= ? AND a.error IS NOT NULL
+GROUP BY m
+"""
 LATENCIES = """
 SELECT d.next_attempt_at, d.delivered_at - e.received_at
 FROM deliveries d JOIN events e ON e.id = d.event_id
@@ -603,7 +608,7 @@ def overview(conn: sqlite3.Connection, now: float) -> Overview:
             per_minute(DELIVERED_PER_MINUTE, "sqlite", "next_attempt_at"), (since, since)
         ).fetchall(),
         conn.execute(
-            per_minute(FAILED_PER_MINUTE, "sqlite", "started_at"), (since, since)
+            per_minute(FAILED_PER_MINUTE, "sqlite", "a.started_at"), (since, since, since)
         ).fetchall(),
         conn.execute(LATENCIES, (since, LATENCY_SAMPLE)).fetchall(),
         since,
