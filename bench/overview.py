@@ -1,11 +1,13 @@
 """The dashboard overview's store reads (`store.overview`) with many jobs in the store.
 
-Fills a fresh store with N jobs, each completed by one callback within the last hour and
+Fills a fresh store with N jobs, each completed by one callback, spread evenly over the last
+`--hours` (1: all of them in the overview's hour, its worst case), and
 forwarded to two sinks: `erp` delivers every event, `crm` fails every send (its rows left
 waiting for a retry, one in ten dead). Then times `store.overview(now)`, what the overview
 page and its live part run every 5 s while open, and prints the median and worst of the runs.
 
-    python bench/overview.py                       # SQLite, 100,000 jobs
+    python bench/overview.py                       # SQLite, 100,000 jobs in the last hour
+    python bench/overview.py --hours 168           # the same jobs over a week
     python bench/overview.py --jobs 20000 --postgres postgresql://postgres@127.0.0.1/test
 """
 
@@ -22,19 +24,35 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import fresh_database, prediction
+from receiver import models
 from receiver.models import Incoming, Job, Route, new_id
 from receiver.store import Attempt, Store, open_store
+
+
+class IdClock:
+    """`receiver.models`' clock while filling: event ids carry the time they were made (the
+    overview finds the hour's events by id), so a chunk's are made at its last callback's."""
+
+    def __init__(self) -> None:
+        self.at = time.time()
+
+    def time_ns(self) -> int:
+        return int(self.at * 1e9)
+
 
 CHUNK = 1000  # callbacks recorded at once (group commit), rows claimed and finished at once
 
 
-async def fill(store: Store, jobs: int, now: float) -> None:
-    start = now - 3500  # all in the last hour, oldest first
+async def fill(store: Store, jobs: int, now: float, hours: float = 1.0) -> None:
+    span = hours * 3600 - 100  # oldest first, the newest 100 s ago
+    start = now - span - 100
+    ids = IdClock()
+    models.time = ids  # type: ignore[assignment]
     for first in range(0, jobs, CHUNK):
         batch = range(first, min(jobs, first + CHUNK))
         made = []
         for i in batch:
-            at = start + 3500 * i / jobs
+            at = start + span * i / jobs
             job = Job(
                 new_id("job"),
                 "document",
@@ -48,6 +66,7 @@ async def fill(store: Store, jobs: int, now: float) -> None:
             )
             await store.create_job(job, f"token-{i}")
             made.append((job, at))
+        ids.at = made[-1][1]
         await asyncio.gather(
             *(
                 store.record(
@@ -94,7 +113,7 @@ async def fill(store: Store, jobs: int, now: float) -> None:
         await store.finish(attempts, now)
 
 
-async def run(url: str | None, jobs: int, runs: int) -> None:
+async def run(url: str | None, jobs: int, runs: int, hours: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         async with fresh_database(url, Path(tmp), "overview") as db:
             store = open_store(db, [Route("erp"), Route("crm")])
@@ -102,7 +121,7 @@ async def run(url: str | None, jobs: int, runs: int) -> None:
                 await store.migrate()
                 now = time.time()
                 began = time.perf_counter()
-                await fill(store, jobs, now)
+                await fill(store, jobs, now, hours)
                 filled = time.perf_counter() - began
                 timings = []
                 for _ in range(runs):
@@ -112,9 +131,10 @@ async def run(url: str | None, jobs: int, runs: int) -> None:
                 kind = db.split(":", 1)[0]
                 callbacks = sum(m.callbacks for m in found.minutes)
                 print(
-                    f"{kind}: {jobs} jobs ({filled:.0f} s to fill), {callbacks} callbacks in the"
-                    f" hour; store.overview median {statistics.median(timings):.1f} ms,"
-                    f" worst {max(timings):.1f} ms over {runs} runs"
+                    f"{kind}: {jobs} jobs over {hours:g} h ({filled:.0f} s to fill),"
+                    f" {callbacks} callbacks in the hour; store.overview median"
+                    f" {statistics.median(timings):.1f} ms, worst {max(timings):.1f} ms"
+                    f" over {runs} runs"
                 )
             finally:
                 await store.close()
@@ -124,9 +144,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--hours", type=float, default=1.0, help="the jobs spread over this")
     parser.add_argument("--postgres", help="a PostgreSQL URL: a new database is made beside it")
     args = parser.parse_args()
-    asyncio.run(run(args.postgres, args.jobs, args.runs))
+    asyncio.run(run(args.postgres, args.jobs, args.runs, args.hours))
 
 
 if __name__ == "__main__":
