@@ -288,4 +288,6 @@ def create_app(
     )
     app.state.services = svc
     app.state.dispatcher = dispatcher
+    app.state.reconciler = reconciler  # the dashboard's overview and sinks pages read both
+    app.state.sink_configs = sink_configs
     return app

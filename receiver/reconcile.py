@@ -82,6 +82,7 @@ class Reconciler:
         self._slots = asyncio.Semaphore(concurrency)
         self._next_slot = -math.inf  # when the next poll may start (clock time)
         self._next_prune = -math.inf
+        self.throttled_until = -math.inf  # after a 429: no poll starts before (the dashboard)
         self._stopping = asyncio.Event()
 
     def backoff(self, polls_made: int) -> float:
@@ -184,7 +185,8 @@ class Reconciler:
         except VlmRunError as exc:
             self.metrics.polls.labels("error").inc()
             if exc.status_code == 429:
-                self._next_slot = max(self._next_slot, self.clock() + THROTTLED_PAUSE)
+                self.throttled_until = self.clock() + THROTTLED_PAUSE
+                self._next_slot = max(self._next_slot, self.throttled_until)
             log.warning(
                 "reconcile.poll_failed",
                 job_id=job.id,

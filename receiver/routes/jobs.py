@@ -120,7 +120,9 @@ def _limited(request: Request, limit: int) -> Request:
     return Request(request.scope, receive)
 
 
-async def _read_submission(request: Request, svc: Services) -> tuple[dict[str, Any], Any]:
+async def read_submission(
+    request: Request, svc: Services
+) -> tuple[dict[str, Any], UploadFile | None]:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         limit = svc.settings.max_upload_bytes + MULTIPART_SLACK
@@ -144,9 +146,19 @@ async def _read_submission(request: Request, svc: Services) -> tuple[dict[str, A
     return data, None
 
 
-async def create_job(request: Request) -> Response:
-    svc = services(request)
-    data, upload = await _read_submission(request, svc)
+class SubmitFailed(Exception):
+    """VLM Run refused the upload or the job, or did not answer: our answer's status and
+    reason, and the job as recorded (None when the upload failed, before any job)."""
+
+    def __init__(self, status: int, reason: str, job: Job | None = None) -> None:
+        super().__init__(reason)
+        self.status, self.reason, self.job = status, reason, job
+
+
+async def submit_job(svc: Services, data: dict[str, Any], upload: UploadFile | None) -> Job:
+    """Validate a submission, record its job and send it to VLM Run (the file uploaded first):
+    what `POST /v1/jobs` and the dashboard's Submit page both do. BadRequest for bad input,
+    SubmitFailed when VLM Run did not take it."""
     sub = validate_submission(data, upload is not None)
     image: str | None = None
     if upload is not None and sub["kind"] == "image":
@@ -161,7 +173,7 @@ async def create_job(request: Request) -> Response:
             )
         except VlmRunError as exc:
             status, reason = api_error_answer(exc)
-            return error(status, f"upload failed: {reason}")
+            raise SubmitFailed(status, f"upload failed: {reason}") from exc
         sub["file_id"] = uploaded.get("id")
         sub["filename"] = upload.filename
 
@@ -193,8 +205,7 @@ async def create_job(request: Request) -> Response:
         )
         svc.metrics.submissions.labels("failed" if final else "unknown").inc()
         log.warning("job.submit_failed", job_id=job.id, status_code=exc.status_code, reason=reason)
-        headers = {"Retry-After": "60"} if answer == 429 else None
-        return JSON({"error": reason, "job": job.to_api()}, status_code=answer, headers=headers)
+        raise SubmitFailed(answer, reason, job) from exc
     prediction_id = prediction.get("id")
     if isinstance(prediction_id, str):
         logs.bind(prediction_id=prediction_id)
@@ -208,6 +219,21 @@ async def create_job(request: Request) -> Response:
     )
     svc.metrics.submissions.labels("accepted").inc()
     log.info("job.submitted", job_id=job.id, prediction_id=prediction_id, domain=job.domain)
+    return job
+
+
+async def create_job(request: Request) -> Response:
+    svc = services(request)
+    data, upload = await read_submission(request, svc)
+    try:
+        job = await submit_job(svc, data, upload)
+    except SubmitFailed as exc:
+        if exc.job is None:
+            return error(exc.status, exc.reason)
+        headers = {"Retry-After": "60"} if exc.status == 429 else None
+        return JSON(
+            {"error": exc.reason, "job": exc.job.to_api()}, status_code=exc.status, headers=headers
+        )
     location = f"{request.scope.get('root_path', '')}/jobs/{job.id}"  # root_path ends in /v1
     return JSON(job.to_api(), status_code=201, headers={"Location": location})
 

@@ -199,6 +199,10 @@ class Store(JobStore, EventStore, Outbox, Reconciliation, Protocol):
 
     async def close(self) -> None: ...
 
+    async def overview(self, now: float) -> Overview:
+        """What the dashboard's overview shows from the store: counts and the last hour."""
+        ...
+
 
 _BACKENDS = {
     "sqlite": "receiver.store.sqlite:SqliteStore",
@@ -214,3 +218,33 @@ def open_store(url: str, routes: Sequence[Route] = ()) -> Store:
     cls = getattr(importlib.import_module(module_name), class_name)
     store: Store = cls(url, routes)
     return store
+
+
+# -- the dashboard's overview --------------------------------------------------------------------
+
+OVERVIEW_MINUTES = 60  # the activity charts' window
+
+
+@dataclass(slots=True)
+class Minute:
+    """One minute of the last hour: callbacks recorded, deliveries delivered, sends failed."""
+
+    start: float
+    callbacks: int = 0
+    delivered: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Overview:
+    """The store's part of the dashboard's overview (the breakers and the reconciler's pause
+    live in the process that runs the dispatcher, not here)."""
+
+    jobs: dict[str, int]  # status -> jobs
+    deliveries: dict[str, dict[str, int]]  # sink -> state -> deliveries
+    oldest_undelivered: dict[str, float]  # sink -> created_at of its oldest pending or leased row
+    last_errors: dict[str, tuple[str, float]]  # sink -> (error, when), on a row pending or dead
+    overdue: int  # outstanding jobs whose poll is due now
+    next_poll_at: float | None  # the earliest poll scheduled
+    minutes: list[Minute]  # the last OVERVIEW_MINUTES, oldest first
+    latencies: list[tuple[float, float]]  # (delivered at, seconds since the event was recorded)

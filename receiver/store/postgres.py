@@ -46,7 +46,7 @@ from receiver.models import (
     Route,
     status_rank,
 )
-from receiver.store import Attempt, Page, Stats, recording, sql
+from receiver.store import Attempt, Overview, Page, Stats, recording, sql
 from receiver.store.groupcommit import GroupCommit
 from receiver.store.recording import Row, Statement
 from receiver.store.schema import MIGRATIONS, VERSION_TABLE, render
@@ -529,3 +529,39 @@ class PostgresStore:
             row = await conn.fetchrow(_pg(sql.STATS), now, now, TERMINAL_RANK)
         due, oldest, dead, outstanding = row
         return Stats(due, max(0.0, now - oldest) if oldest else 0.0, dead, outstanding)
+
+    async def overview(self, now: float) -> Overview:
+        since = sql.window_start(now)
+        async with self._conn() as conn:
+            deliveries = await conn.fetch(sql.DELIVERIES_BY_SINK)
+            oldest: dict[str, float] = {}
+            for sink, state in sql.waiting(deliveries, ("pending", "leased")):
+                at = await conn.fetchval(_pg(sql.OLDEST_IN_STATE), sink, state)
+                oldest[sink] = min(at, oldest.get(sink, at))
+            errors: dict[str, tuple[str, float]] = {}
+            for sink in sorted({sink for sink, _ in sql.waiting(deliveries, ("pending", "dead"))}):
+                row = await conn.fetchrow(_pg(sql.LAST_ERROR), sink)
+                if row is not None:
+                    errors[sink] = (row[0], row[1])
+            minute = functools.partial(sql.per_minute, dialect="postgres")
+            return sql.overview_of(
+                await conn.fetch(sql.JOBS_BY_STATUS),
+                deliveries,
+                oldest,
+                errors,
+                await conn.fetchrow(_pg(sql.RECONCILER_QUEUE), now),
+                await conn.fetch(
+                    _pg(minute(sql.CALLBACKS_PER_MINUTE, column="received_at")),
+                    since,
+                    sql.first_event_id(since),
+                    since,
+                ),
+                await conn.fetch(
+                    _pg(minute(sql.DELIVERED_PER_MINUTE, column="next_attempt_at")), since, since
+                ),
+                await conn.fetch(
+                    _pg(minute(sql.FAILED_PER_MINUTE, column="a.started_at")), since, since, since
+                ),
+                await conn.fetch(_pg(sql.LATENCIES), since, sql.LATENCY_SAMPLE),
+                since,
+            )

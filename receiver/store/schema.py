@@ -157,11 +157,9 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "INSERT INTO job_metadata (value, created_at, job_id)"
             " SELECT DISTINCT {metadata_value}, j.created_at, j.id FROM jobs j, {metadata_strings}",
             # Deliveries newest first: by state (the `(state, id)` index of the lists, in their
-            # order), by sink (replacing (sink, state): a replay of one sink's dead rows reads
-            # the state index, the dead being few), or all. A claim or a finish changes only
-            # `state`, so it updates two indexes (this one and deliveries_due), as before.
+            # order), by sink, or all. deliveries_sink (sink, state) stays: the overview counts
+            # each sink's rows by state, and finds its oldest waiting row, from it alone.
             "CREATE INDEX deliveries_state_created ON deliveries (state, created_at, id)",
-            "DROP INDEX deliveries_sink",
             "CREATE INDEX deliveries_sink_created ON deliveries (sink, created_at, id)",
             "CREATE INDEX deliveries_created ON deliveries (created_at, id)",
         ],

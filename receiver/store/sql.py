@@ -27,7 +27,7 @@ from receiver.models import (
     Job,
     status_rank,
 )
-from receiver.store import Attempt, Page, Stats
+from receiver.store import OVERVIEW_MINUTES, Attempt, Minute, Overview, Page, Stats
 
 JOB_COLUMNS = (
     "id, kind, domain, status, prediction_id, created_at, updated_at, request, error,"
@@ -637,3 +637,148 @@ def prune_batch(conn: sqlite3.Connection, statement: str, before: float, limit: 
 def stats(conn: sqlite3.Connection, now: float) -> Stats:
     due, oldest, dead, outstanding = conn.execute(STATS, (now, now, TERMINAL_RANK)).fetchone()
     return Stats(due, max(0.0, now - oldest) if oldest else 0.0, dead, outstanding)
+
+
+# -- the dashboard's overview (receiver/ui/overview.py) ---------------------------------------
+# Counts over indexed columns: jobs (status, created_at, id) and deliveries (sink, state)
+# answer from the index alone; the undelivered rows and the overdue jobs are few. The last
+# hour's activity:
+# - events by their id, which starts with the time it was made in ms (`models.new_id`): the
+#   primary key bounds the scan to the hour (received_at has no index, to spare callbacks);
+# - deliveries delivered, through (state, next_attempt_at): a delivered row keeps the time
+#   its send ended as next_attempt_at (FINISH);
+# - failed sends, through the deliveries sent in the hour (FAILED_PER_MINUTE).
+# `{minute}` is the dialect's whole minutes since the window opened: SQLite's CAST truncates,
+# PostgreSQL's rounds, so it is FLOOR there.
+OVERVIEW_MINUTE = {
+    "sqlite": "CAST(({column} - ?) / 60 AS INTEGER)",
+    "postgres": "FLOOR(({column} - ?) / 60)",
+}
+JOBS_BY_STATUS = "SELECT status, COUNT(*) FROM jobs GROUP BY status"
+DELIVERIES_BY_SINK = "SELECT sink, state, COUNT(*) FROM deliveries GROUP BY sink, state"
+# Ids count up as rows are made: a sink's oldest row in a state is the first in the index on
+# (sink, state), whose entries SQLite orders by id (MIN(created_at) read every waiting row).
+OLDEST_IN_STATE = (
+    "SELECT created_at FROM deliveries WHERE sink = ? AND state = ? ORDER BY id LIMIT 1"
+)
+# A delivered row's error is cleared, so a sink's last error is on a row still waiting or dead.
+LAST_ERROR = (
+    "SELECT last_error, updated_at FROM deliveries WHERE sink = ? AND state IN ('pending', 'dead')"
+    " AND last_error IS NOT NULL ORDER BY updated_at DESC LIMIT 1"
+)
+RECONCILER_QUEUE = (
+    "SELECT COUNT(CASE WHEN next_poll_at <= ? THEN 1 END), MIN(next_poll_at) FROM jobs"
+    f" WHERE next_poll_at IS NOT NULL AND status_rank < {TERMINAL_RANK}"
+)
+CALLBACKS_PER_MINUTE = (
+    "SELECT {minute} AS m, COUNT(*) FROM events"
+    " WHERE id >= ? AND received_at >= ? AND source = 'callback' GROUP BY m"
+)
+DELIVERED_PER_MINUTE = (
+    "SELECT {minute} AS m, COUNT(*) FROM deliveries"
+    " WHERE state = 'delivered' AND next_attempt_at >= ? GROUP BY m"
+)
+# Every write of a delivery leaves next_attempt_at at or after its last attempt (the end of a
+# send, a retry's due time, a requeue's now), so a send of the last hour is an attempt of a
+# row that (state, next_attempt_at) finds: the hour's rows and the retry backlog, not the
+# whole attempt log (kept `retention_days`), which has no index by time.
+FAILED_PER_MINUTE = """
+SELECT {minute} AS m, COUNT(*) FROM deliveries d JOIN attempts a ON a.delivery_id = d.id
+WHERE d.state IN ('pending', 'leased', 'delivered', 'dead') AND d.next_attempt_at >= ?
+  AND a.started_at >= ? AND a.error IS NOT NULL
+GROUP BY m
+"""
+LATENCIES = """
+SELECT d.next_attempt_at, d.delivered_at - e.received_at
+FROM deliveries d JOIN events e ON e.id = d.event_id
+WHERE d.state = 'delivered' AND d.next_attempt_at >= ?
+ORDER BY d.next_attempt_at DESC LIMIT ?
+"""
+LATENCY_SAMPLE = 5000  # the most recent deliveries of the hour the percentiles are taken over
+EVENT_ID_SLACK = 600.0  # seconds: ids are made by the clock of the process that recorded them
+
+
+def window_start(now: float) -> float:
+    """Where the overview's hour starts: whole minutes, the last one the minute of `now`."""
+    return (now // 60 - (OVERVIEW_MINUTES - 1)) * 60
+
+
+def per_minute(statement: str, dialect: str, column: str) -> str:
+    return statement.format(minute=OVERVIEW_MINUTE[dialect].format(column=column))
+
+
+def first_event_id(since: float) -> str:
+    """The smallest event id made at `since` less the slack (see `models.new_id`)."""
+    return f"evt_{max(0, int((since - EVENT_ID_SLACK) * 1000)):012x}"
+
+
+def waiting(deliveries: Sequence[Sequence[Any]], states: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The (sink, state) pairs of DELIVERIES_BY_SINK's rows in `states`."""
+    return sorted((sink, state) for sink, state, _ in deliveries if state in states)
+
+
+def overview_of(
+    jobs: Sequence[Sequence[Any]],
+    deliveries: Sequence[Sequence[Any]],
+    oldest: dict[str, float],
+    last_errors: dict[str, tuple[str, float]],
+    reconciler: Sequence[Any],
+    callbacks: Sequence[Sequence[Any]],
+    delivered: Sequence[Sequence[Any]],
+    failed: Sequence[Sequence[Any]],
+    latencies: Sequence[Sequence[Any]],
+    since: float,
+) -> Overview:
+    """The overview from the rows of the statements above (the same for both backends)."""
+    by_sink: dict[str, dict[str, int]] = {}
+    for sink, state, count in deliveries:
+        by_sink.setdefault(sink, {})[state] = int(count)
+    minutes = [Minute(since + 60 * i) for i in range(OVERVIEW_MINUTES)]
+    for rows, name in ((callbacks, "callbacks"), (delivered, "delivered"), (failed, "failed")):
+        for index, count in rows:
+            if 0 <= int(index) < OVERVIEW_MINUTES:
+                setattr(minutes[int(index)], name, int(count))
+    overdue, next_poll_at = reconciler
+    return Overview(
+        jobs={status: int(count) for status, count in jobs},
+        deliveries=by_sink,
+        oldest_undelivered=oldest,
+        last_errors=last_errors,
+        overdue=int(overdue or 0),
+        next_poll_at=next_poll_at,
+        minutes=minutes,
+        latencies=[(float(at), float(seconds)) for at, seconds in latencies],
+    )
+
+
+def overview(conn: sqlite3.Connection, now: float) -> Overview:
+    since = window_start(now)
+    deliveries = conn.execute(DELIVERIES_BY_SINK).fetchall()
+    oldest: dict[str, float] = {}
+    for sink, state in waiting(deliveries, ("pending", "leased")):
+        (at,) = conn.execute(OLDEST_IN_STATE, (sink, state)).fetchone()
+        oldest[sink] = min(at, oldest.get(sink, at))
+    errors: dict[str, tuple[str, float]] = {}
+    for sink in sorted({sink for sink, _ in waiting(deliveries, ("pending", "dead"))}):
+        row = conn.execute(LAST_ERROR, (sink,)).fetchone()
+        if row is not None:
+            errors[sink] = (row[0], row[1])
+    return overview_of(
+        conn.execute(JOBS_BY_STATUS).fetchall(),
+        deliveries,
+        oldest,
+        errors,
+        conn.execute(RECONCILER_QUEUE, (now,)).fetchone(),
+        conn.execute(
+            per_minute(CALLBACKS_PER_MINUTE, "sqlite", "received_at"),
+            (since, first_event_id(since), since),
+        ).fetchall(),
+        conn.execute(
+            per_minute(DELIVERED_PER_MINUTE, "sqlite", "next_attempt_at"), (since, since)
+        ).fetchall(),
+        conn.execute(
+            per_minute(FAILED_PER_MINUTE, "sqlite", "a.started_at"), (since, since, since)
+        ).fetchall(),
+        conn.execute(LATENCIES, (since, LATENCY_SAMPLE)).fetchall(),
+        since,
+    )

@@ -29,7 +29,7 @@ import structlog
 
 from receiver.errors import StoreError, StoreUnavailable
 from receiver.models import Claimed, DeliveryAttempt, Event, Incoming, Job, RecordResult, Route
-from receiver.store import Attempt, Page, Stats, recording, sql
+from receiver.store import Attempt, Overview, Page, Stats, recording, sql
 from receiver.store.groupcommit import GroupCommit
 from receiver.store.recording import Row, Statement
 from receiver.store.schema import MIGRATIONS, VERSION_TABLE, render
@@ -522,3 +522,6 @@ class SqliteStore:
 
     async def stats(self, now: float) -> Stats:
         return await self._read(lambda c: sql.stats(c, now))
+
+    async def overview(self, now: float) -> Overview:
+        return await self._read(lambda c: sql.overview(c, now))

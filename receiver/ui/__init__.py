@@ -15,7 +15,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from receiver.config import Settings
-from receiver.ui import pages
+from receiver.ui import overview, pages, sinks, submit
 from receiver.ui.session import SessionCookie, SignedIn, session_secret
 
 
@@ -32,7 +32,9 @@ def routes(settings: Settings, clock: Callable[[], float]) -> list[BaseRoute]:
         Middleware(SignedIn, clock=clock),
     ]
     ui = [
-        _page("/", pages.jobs, name="jobs"),
+        _page("/", overview.overview, name="overview"),
+        _page("/overview/live", overview.live, name="overview_live"),
+        _page("/jobs", pages.jobs, name="jobs"),
         _page("/signin", pages.signin_form, methods=["GET", "POST"], name="signin"),
         _page("/signout", pages.signout, methods=["POST"], name="signout"),
         _page("/find", pages.find, name="find"),
@@ -47,6 +49,9 @@ def routes(settings: Settings, clock: Callable[[], float]) -> list[BaseRoute]:
             name="retry_matching",
         ),
         _page("/deliveries/{delivery_id}/retry", pages.retry, methods=["POST"], name="retry"),
+        _page("/submit", submit.submit, methods=["GET", "POST"], name="submit"),
+        _page("/sinks", sinks.sinks, name="sinks"),
+        _page("/sinks/{sink}/test", sinks.test, methods=["POST"], name="sink_test"),
         Mount("/static", StaticFiles(packages=[("receiver.ui", "static")]), name="static"),
     ]
     return [_page("/", pages.root), Mount("/ui", routes=ui, middleware=middleware, name="ui")]

@@ -90,7 +90,7 @@ def query(request: Request) -> dict[str, str]:
 def back_to(request: Request, fields: dict[str, str]) -> str:
     """Where an action returns: the page it was sent from (the form's `back`), if that is a
     dashboard path; never another site."""
-    home = request.url_for("ui:jobs").path
+    home = request.url_for("ui:overview").path
     back = fields.get("back", "")
     path = back.split("?", 1)[0]
     if back.startswith(home) and "\\" not in back and ".." not in PurePosixPath(path).parts:
@@ -100,7 +100,7 @@ def back_to(request: Request, fields: dict[str, str]) -> str:
 
 async def root(request: Request) -> Response:
     """`GET /`: the dashboard."""
-    return RedirectResponse(request.url_for("ui:jobs"), status_code=303)
+    return RedirectResponse(request.url_for("ui:overview"), status_code=303)
 
 
 @page
@@ -131,7 +131,7 @@ async def signin_form(request: Request) -> Response:
         return render(request, "signin.html", 401, error="That is not the admin token.")
     limit.succeeded(client)
     log.info("ui.signed_in", client=client)
-    return RedirectResponse(request.url_for("ui:jobs"), status_code=303)
+    return RedirectResponse(request.url_for("ui:overview"), status_code=303)
 
 
 @page

@@ -194,14 +194,26 @@ def same_origin(request: Request, origin: str) -> bool:
     return origin == f"{own.scheme}://{own.netloc}"
 
 
-async def checked_form(request: Request) -> dict[str, str]:
-    """A state-changing POST's fields, once it has shown it comes from our own page: same
-    origin, and the session's CSRF token in the `csrf` field. Else BadRequest(403)."""
+def refuse_other_sites(request: Request) -> None:
+    """BadRequest(403) unless the request comes from our own pages (`Origin`, `Sec-Fetch-Site`)."""
     origin = request.headers.get("origin")
     if origin is not None and not same_origin(request, origin):
         raise BadRequest("refused: this form was sent from another site", 403)
     if request.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
         raise BadRequest("refused: this form was sent from another site", 403)
+
+
+def check_csrf(request: Request, given: str) -> None:
+    """BadRequest(403) unless `given` is the session's CSRF token (constant-time compare)."""
+    expected = request.session.get("csrf")
+    if not isinstance(expected, str) or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise BadRequest("refused: the form's CSRF token is missing or stale; reload the page", 403)
+
+
+async def checked_form(request: Request) -> dict[str, str]:
+    """A state-changing POST's fields, once it has shown it comes from our own page: same
+    origin, and the session's CSRF token in the `csrf` field. Else BadRequest(403)."""
+    refuse_other_sites(request)
     body = b""
     async for chunk in request.stream():
         body += chunk
@@ -217,10 +229,7 @@ async def checked_form(request: Request) -> dict[str, str]:
             )
         except (UnicodeDecodeError, ValueError):
             raise BadRequest("the form could not be read", 400) from None
-    given = fields.pop("csrf", "").encode()
-    expected = request.session.get("csrf")
-    if not isinstance(expected, str) or not hmac.compare_digest(given, expected.encode()):
-        raise BadRequest("refused: the form's CSRF token is missing or stale; reload the page", 403)
+    check_csrf(request, fields.pop("csrf", ""))
     return fields
 
 

@@ -112,6 +112,8 @@ def test_sign_in_open_a_job_replay_it_and_sign_out(browser: Browser, served: Pro
     errors.clear()
     page.get_by_label("Admin token").fill(ADMIN_TOKEN)
     page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Overview")).to_be_visible()  # the landing page
+    page.get_by_role("navigation").get_by_role("link", name="Jobs").click()
 
     expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
     link = page.get_by_role("link", name=job["id"])
@@ -188,6 +190,7 @@ def test_filters_narrow_the_jobs(browser: Browser, served: Process) -> None:
     watched = Watched(browser, timezone="Asia/Tokyo")  # UTC+9 all year
     watched.sign_in(served.url)
     page = watched.page
+    page.get_by_role("link", name="Jobs", exact=True).click()
     expect(page.get_by_role("link", name=mine)).to_be_visible()
     expect(page.get_by_role("link", name=other)).to_be_visible()
     page.get_by_label("Find").fill("sess-browser-1")

@@ -114,11 +114,11 @@ async def test_without_a_session_only_the_sign_in_form_shows(
 
 
 async def test_the_right_token_signs_in_and_shows_the_jobs(service: Service) -> None:
-    """Signing in with the admin token opens the jobs page."""
+    """Signing in with the admin token opens the dashboard, whose jobs page lists the job."""
     job = await service.submit()
     answer = await sign_in(service.client)
     assert answer.status_code == 303 and answer.headers["location"] == "http://receiver.test/ui/"
-    jobs = await service.client.get("/ui/")
+    jobs = await service.client.get("/ui/jobs")
     assert jobs.status_code == 200 and job["id"] in jobs.text
 
 
@@ -234,13 +234,13 @@ async def test_the_jobs_page_lists_newest_first_filters_and_pages(signed: Servic
     first = await signed.submit()
     signed.clock.now += 1
     second, _ = await completed_job(signed)
-    page = (await signed.client.get("/ui/")).text
+    page = (await signed.client.get("/ui/jobs")).text
     assert page.index(second["id"]) < page.index(first["id"])
     assert '<time datetime="2027-01-15T08:00:01Z">' in page
-    done = (await signed.client.get("/ui/?status=completed")).text
+    done = (await signed.client.get("/ui/jobs?status=completed")).text
     assert second["id"] in done and first["id"] not in done
-    assert first["id"] not in (await signed.client.get("/ui/?domain=document.resume")).text
-    one = await signed.client.get("/ui/?limit=1")
+    assert first["id"] not in (await signed.client.get("/ui/jobs?domain=document.resume")).text
+    one = await signed.client.get("/ui/jobs?limit=1")
     assert second["id"] in one.text and first["id"] not in one.text
     older = re.search(r'href="([^"]+)">Older jobs', one.text)
     assert older, one.text
@@ -262,8 +262,8 @@ async def test_a_job_is_found_by_its_id_or_an_events(signed: Service) -> None:
 @pytest.mark.parametrize(
     ("path", "status"),
     [
-        ("/ui/?limit=0", 400),
-        ("/ui/?limit=abc", 400),
+        ("/ui/jobs?limit=0", 400),
+        ("/ui/jobs?limit=abc", 400),
         ("/ui/deliveries?state=bogus", 400),
         ("/ui/jobs/job_nope", 404),
         ("/ui/events/evt_nope", 404),
@@ -463,10 +463,10 @@ async def test_jobs_are_filtered_by_time_range(signed: Service) -> None:
     signed.clock.now += 3600
     late = await signed.submit()  # 09:00
     get = signed.client.get
-    assert listed(await get("/ui/?since=2027-01-15T08:30:00Z"), early, late) == [False, True]
-    assert listed(await get("/ui/?until=2027-01-15T08:30"), early, late) == [True, False]
+    assert listed(await get("/ui/jobs?since=2027-01-15T08:30:00Z"), early, late) == [False, True]
+    assert listed(await get("/ui/jobs?until=2027-01-15T08:30"), early, late) == [True, False]
     # The same instant in another zone; the page shows the range back in UTC for the script.
-    page = await get("/ui/?since=2027-01-15T09:30:00%2B01:00&until=2027-01-15T09:00:01Z")
+    page = await get("/ui/jobs?since=2027-01-15T09:30:00%2B01:00&until=2027-01-15T09:00:01Z")
     assert listed(page, early, late) == [False, True]
     assert 'value="2027-01-15T08:30:00" data-utc="2027-01-15T08:30:00Z"' in page.text
     api = await get("/v1/jobs", params={"since": "2027-01-15T08:30:00Z"}, headers=ADMIN)
@@ -480,10 +480,10 @@ async def test_a_job_is_found_by_id_prediction_or_metadata_value(signed: Service
     other = await submit_with(signed, session_id="sess-7")
     get = signed.client.get
     for text in (mine["id"], mine["prediction_id"], "sess-42"):
-        assert listed(await get("/ui/", params={"q": text}), mine, other) == [True, False]
-    assert listed(await get("/ui/", params={"q": "prod"}), mine, other) == [True, False]
-    assert listed(await get("/ui/", params={"q": "sess"}), mine, other) == [False, False]
-    combined = await get("/ui/", params={"q": "sess-42", "status": "completed"})
+        assert listed(await get("/ui/jobs", params={"q": text}), mine, other) == [True, False]
+    assert listed(await get("/ui/jobs", params={"q": "prod"}), mine, other) == [True, False]
+    assert listed(await get("/ui/jobs", params={"q": "sess"}), mine, other) == [False, False]
+    combined = await get("/ui/jobs", params={"q": "sess-42", "status": "completed"})
     assert "No jobs match these filters" in combined.text
     api = await get("/v1/jobs", params={"q": "sess-7"}, headers=ADMIN)
     assert [j["id"] for j in api.json()["items"]] == [other["id"]]
@@ -496,7 +496,7 @@ async def test_filtered_jobs_page_through_every_match_once(signed: Service) -> N
         signed.clock.now += 1 if i % 3 else 0  # some share a creation time
     blue = [j["id"] for j in made if j["id"] in {m["id"] for m in made[1::2]}]
     seen: list[str] = []
-    url: str | None = "/ui/?q=blue&limit=2"
+    url: str | None = "/ui/jobs?q=blue&limit=2"
     while url:
         page = await signed.client.get(url)
         seen += re.findall(r'<a href="[^"]*/ui/jobs/([^"]+)"><code', page.text)
@@ -508,9 +508,9 @@ async def test_filtered_jobs_page_through_every_match_once(signed: Service) -> N
 @pytest.mark.parametrize(
     "path",
     [
-        "/ui/?since=yesterday",
-        "/ui/?until=2027-13-01T00:00",
-        "/ui/?cursor=nope",
+        "/ui/jobs?since=yesterday",
+        "/ui/jobs?until=2027-13-01T00:00",
+        "/ui/jobs?cursor=nope",
         "/ui/deliveries?state=bogus",
         "/ui/deliveries?since=1800000000",
         "/ui/deliveries/retry",  # no state: nothing to retry by accident

@@ -306,6 +306,8 @@ async def test_a_rate_limited_poll_pauses_polling_for_a_minute(
         pass
     assert [p for _, p in api.calls] == ["pred_a", "pred_b", "pred_a"]
     assert api.calls[1][0] - api.calls[0][0] >= THROTTLED_PAUSE
+    # What the dashboard's overview shows as "paused after a 429 until ...".
+    assert reconciler.throttled_until == pytest.approx(api.calls[0][0] + THROTTLED_PAUSE, abs=1)
     assert (await state(store, job.id))[0].status == "completed"  # retried after the pause
     assert counter(reconciler, "receiver_reconciler_polls_total", outcome="error") == 1
 

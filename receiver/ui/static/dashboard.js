@@ -1,13 +1,16 @@
 // receiver's dashboard: the little the server cannot do. No inline script (the page's CSP).
 
 // Times arrive as UTC ISO in <time datetime>: show the viewer's local time, UTC on hover.
-for (const el of document.querySelectorAll("time[datetime]")) {
-  const when = new Date(el.dateTime);
-  if (!Number.isNaN(when.getTime())) {
-    el.title = el.dateTime;
-    el.textContent = when.toLocaleString();
+function localTimes(root) {
+  for (const el of root.querySelectorAll("time[datetime]")) {
+    const when = new Date(el.dateTime);
+    if (!Number.isNaN(when.getTime())) {
+      el.title = el.dateTime;
+      el.textContent = when.toLocaleString();
+    }
   }
 }
+localTimes(document);
 
 // Ids are one click to copy (they are also shown whole and select-all on click).
 document.addEventListener("click", (e) => {
@@ -43,3 +46,79 @@ document.addEventListener("submit", (e) => {
     e.target.appendChild(sent);
   }
 });
+
+// Charts (the overview): uPlot, fed by the JSON in each chart's data-points (x: epoch seconds).
+const drawn = new Map(); // chart element -> its uPlot, destroyed before the element is replaced
+const SERIES = {
+  activity: [["callbacks", "--accent"], ["delivered", "--ok"], ["failed sends", "--bad"]],
+  latency: [["p50 ms", "--accent"], ["p99 ms", "--warn"]],
+};
+
+function drawCharts(root) {
+  if (typeof uPlot === "undefined") return;
+  const css = getComputedStyle(document.documentElement);
+  const color = (name) => css.getPropertyValue(name).trim();
+  const axis = { stroke: color("--muted"), grid: { stroke: color("--line") }, ticks: { stroke: color("--line") } };
+  for (const el of root.querySelectorAll("[data-chart]")) {
+    const series = SERIES[el.dataset.chart] || [];
+    const opts = {
+      width: Math.max(280, el.clientWidth),
+      height: 190,
+      scales: { x: { time: true } },
+      axes: [axis, axis],
+      legend: { live: false },
+      // Latency has points: a minute alone between empty ones is a dot, not nothing.
+      series: [{}, ...series.map(([label, stroke]) => ({
+        label, stroke: color(stroke), width: 2, spanGaps: true,
+        points: { show: el.dataset.chart === "latency", size: 6 },
+      }))],
+    };
+    el.replaceChildren();
+    drawn.set(el, new uPlot(opts, JSON.parse(el.dataset.points), el));
+  }
+}
+
+// Parts of a page marked data-live="URL" follow the service: every data-every seconds the URL
+// is fetched and the element of the same id in the answer replaces this one's content. An
+// answer without data-live on it (a job now settled) ends the updates; one without the
+// element at all (the session ended: the sign-in form) says so.
+function follow(el) {
+  const every = Number(el.dataset.every || 5) * 1000;
+  const tick = async () => {
+    if (document.hidden) { setTimeout(tick, every); return; }
+    let fresh = null;
+    try {
+      const answer = await fetch(el.dataset.live, { credentials: "same-origin" });
+      if (answer.ok) {
+        const doc = new DOMParser().parseFromString(await answer.text(), "text/html");
+        fresh = doc.getElementById(el.id);
+        if (!fresh) {
+          const note = document.createElement("p");
+          note.className = "error";
+          note.setAttribute("role", "alert");
+          note.textContent = "Updates stopped: the session has ended. Reload to sign in again.";
+          el.prepend(note);
+          return;
+        }
+      }
+    } catch (e) {
+      fresh = null; // the service is restarting or the network blinked: try again next time
+    }
+    if (fresh) {
+      for (const [chart, plot] of drawn) {
+        if (el.contains(chart)) { plot.destroy(); drawn.delete(chart); }
+      }
+      const open = [...el.querySelectorAll("details")].map((d) => d.open);
+      el.replaceChildren(...fresh.childNodes);
+      el.querySelectorAll("details").forEach((d, i) => { if (i < open.length) d.open = open[i]; });
+      localTimes(el);
+      drawCharts(el);
+      if (!fresh.hasAttribute("data-live")) { el.removeAttribute("data-live"); return; }
+    }
+    setTimeout(tick, every);
+  };
+  setTimeout(tick, every);
+}
+
+drawCharts(document);
+document.querySelectorAll("[data-live]").forEach(follow);
