@@ -266,10 +266,11 @@ def test_dead_deliveries_are_retried_in_bulk_after_a_confirm(
     browser: Browser, flaky: tuple[Process, Sink]
 ) -> None:
     """The erp sink is down: its deliveries die, and the job's page shows each attempt. Once
-    it is back, the deliveries page filtered to dead erp deliveries offers to retry them all,
+    it is back, one is retried from its job's page, which follows it to delivered by itself;
+    the deliveries page filtered to the other dead erp deliveries offers to retry them all,
     says how many, asks to confirm, and they are delivered."""
     served, sink = flaky
-    jobs = [submit(served, session_id=f"sess-{i}") for i in range(2)]
+    jobs = [submit(served, session_id=f"sess-{i}") for i in range(3)]
     for job_id in jobs:
         wait_for(
             lambda j=job_id: states(job_of(served, j)) == {"archive": "delivered", "erp": "dead"},
@@ -287,6 +288,19 @@ def test_dead_deliveries_are_retried_in_bulk_after_a_confirm(
     screenshot(page, "job.png", full_page=True)
 
     sink.start()
+    # One dead delivery retried from its job's page: the page follows it to delivered by
+    # itself (no reload).
+    page.get_by_role("button", name="Retry", exact=True).click()
+    expect(page.get_by_role("status")).to_contain_text("Requeued 1 delivery")
+    expect(page.locator(".status.s-delivered")).to_have_count(2, timeout=20_000)
+    expect(page.locator(".status.s-dead")).to_have_count(0)
+    wait_for(
+        lambda: states(job_of(served, jobs[0])) == {"archive": "delivered", "erp": "delivered"},
+        30,
+        "the delivery retried from the job's page to arrive",
+    )
+
+    # The other two in bulk, from the deliveries page.
     page.goto(served.url + "/ui/deliveries")
     page.get_by_label("State").select_option("dead")
     page.get_by_label("Sink").select_option("erp")
