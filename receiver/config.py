@@ -49,6 +49,12 @@ class Settings(BaseSettings):
         None,
         description="Bearer token for everything under `/v1/`. Unset: the admin API refuses all.",
     )
+    signin_failures: int = Field(
+        5,
+        ge=0,
+        description="Wrong admin tokens one client address may try in a minute, on the sign-in "
+        "form and `/v1` alike, before it gets 429 until the minute has passed. 0: no limit.",
+    )
     vlmrun_api_key: SecretStr | None = Field(
         None,
         description="VLM Run API key. Unset: `receiver serve` runs the bundled simulator instead.",

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from receiver.config import Settings
 from receiver.metrics import Metrics
+from receiver.routes.guesses import SignInLimit
 from receiver.routes.schemas import reason
 from receiver.store import Store
 from receiver.vlmrun import VlmRunClient
@@ -56,11 +57,20 @@ def services(request: Request) -> Services:
 
 class AdminOnly:
     """ASGI middleware for everything under `/v1`: the admin bearer token (compared in
-    constant time) or 401, before any handler runs."""
+    constant time) or 401, before any handler runs. Wrong tokens count against the client
+    as on the sign-in form (`guesses`); past the limit, 429 until it has passed."""
 
-    def __init__(self, app: ASGIApp, token: SecretStr | None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        token: SecretStr | None,
+        guesses: SignInLimit,
+        clock: Callable[[], float],
+    ) -> None:
         self.app = app
         self.expected = f"bearer {token.get_secret_value()}".encode() if token else None
+        self.guesses = guesses
+        self.clock = clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,10 +81,23 @@ class AdminOnly:
             await refusal(scope, receive, send)
             return
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        client = (scope.get("client") or ("-",))[0]
+        now = self.clock()
+        wait = self.guesses.retry_after(client, now) if given else 0  # no token: no guess
+        if wait:
+            refusal = JSON(
+                {"error": "too many wrong tokens from this address; try again later"},
+                status_code=429,
+                headers={"Retry-After": str(wait)},
+            )
+            await refusal(scope, receive, send)
+            return
         scheme, _, token = given.partition(b" ")
         if hmac.compare_digest(scheme.lower() + b" " + token.strip(), self.expected):
             await self.app(scope, receive, send)
             return
+        if given:
+            self.guesses.failed(client, now)
         refusal = JSON(
             {"error": "missing or wrong bearer token"},
             status_code=401,

@@ -266,7 +266,10 @@ def _operation(op: Operation, sink_names: Sequence[str]) -> dict[str, Any]:
             content["multipart/form-data"] = {"schema": _ref(op.form)}
         out["requestBody"] = {"required": op.body_required, "content": content}
     out["responses"] = {}
-    for status, (description, model) in sorted(op.answers.items()):
+    answers = dict(op.answers)
+    if op.admin:  # routes.AdminOnly: too many wrong tokens from the client's address
+        answers.setdefault(429, ("Too many wrong admin tokens from this address", s.Error))
+    for status, (description, model) in sorted(answers.items()):
         answer: dict[str, Any] = {"description": description}
         if model is not None:
             answer["content"] = {"application/json": {"schema": _ref(model)}}

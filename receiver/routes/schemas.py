@@ -148,6 +148,18 @@ class CreatedBetween(BaseModel):
     def _text(cls, value: Any) -> Any:
         return _iso_only(value)
 
+    @field_validator("since", "until")
+    @classmethod
+    def _in_utc_range(cls, value: datetime | None) -> datetime | None:
+        """A time whose zone takes it past year 9999 or before year 1 in UTC is refused: it
+        could be neither compared nor shown."""
+        if value is not None and value.tzinfo is not None:
+            try:
+                value.astimezone(UTC)
+            except OverflowError:
+                raise ValueError("is out of range once converted to UTC") from None
+        return value
+
 
 class JobsQuery(CreatedBetween):
     status: str | None = Field(None, description="only this status")

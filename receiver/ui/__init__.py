@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from receiver.config import Settings
+from receiver.routes.guesses import SignInLimit
 from receiver.ui import overview, pages, sinks, submit
 from receiver.ui.session import SessionCookie, SignedIn, session_secret
 
@@ -24,12 +25,15 @@ def _page(path: str, endpoint: pages.Handler, **options: Any) -> Route:
     return Route(path, endpoint, include_in_schema=False, **options)
 
 
-def routes(settings: Settings, clock: Callable[[], float]) -> list[BaseRoute]:
-    """`GET /` and the `/ui` mount, its session cookie scoped to the mount's path."""
+def routes(
+    settings: Settings, clock: Callable[[], float], guesses: SignInLimit
+) -> list[BaseRoute]:
+    """`GET /` and the `/ui` mount, its session cookie scoped to the mount's path; `guesses`
+    counts wrong tokens on the sign-in form (shared with the admin API)."""
     cookie_path = settings.root_path.rstrip("/") + "/ui"
     middleware = [
         Middleware(SessionCookie, secret=session_secret(settings.admin_token), path=cookie_path),
-        Middleware(SignedIn, clock=clock),
+        Middleware(SignedIn, clock=clock, limit=guesses),
     ]
     ui = [
         _page("/", overview.overview, name="overview"),

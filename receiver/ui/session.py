@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
-import math
 import secrets
-from collections import OrderedDict, deque
 from collections.abc import Callable
 from urllib.parse import parse_qsl
 
@@ -29,16 +26,12 @@ from starlette.responses import RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from receiver.routes import BadRequest
+from receiver.routes.guesses import SignInLimit
 
 SESSION_SECONDS = 12 * 3600
 COOKIE = "receiver_ui"
 FORM_LIMIT = 16 * 1024  # our forms carry a few short fields
 FORM_FIELDS = 10
-# Sign-in attempts: after SIGNIN_FAILURES wrong tokens from one client within SIGNIN_WINDOW
-# seconds, its next attempts are refused (429) until the oldest failure is a window old.
-SIGNIN_FAILURES = 5
-SIGNIN_WINDOW = 60.0
-SIGNIN_CLIENTS = 10_000  # clients remembered at most (the least recent forgotten first)
 # Pages load nothing from elsewhere and run no inline script; nobody may frame them.
 HEADERS = {
     "content-security-policy": "default-src 'self'; frame-ancestors 'none'; form-action 'self'",
@@ -83,57 +76,6 @@ def signed_in(request: Request, now: float) -> bool:
     return isinstance(since, int | float) and 0 <= now - since < SESSION_SECONDS
 
 
-class SignInLimit:
-    """Wrong admin tokens, counted per client address: the one the proxy middleware resolved
-    (the socket peer, or the forwarded client when the peer is a trusted proxy), so a client
-    behind a trusted proxy is counted as itself, and one that sends its own X-Forwarded-For
-    from outside is still counted by its socket address. An IPv6 client is counted by its /64
-    (one host usually has the whole block). Per process: each web replica counts on its own,
-    so N replicas allow N times the rate."""
-
-    def __init__(self, failures: int = SIGNIN_FAILURES, window: float = SIGNIN_WINDOW) -> None:
-        self.failures = failures
-        self.window = window
-        self._seen: OrderedDict[str, deque[float]] = OrderedDict()
-
-    @staticmethod
-    def key(client: str) -> str:
-        try:
-            address = ipaddress.ip_address(client)
-        except ValueError:
-            return client
-        if isinstance(address, ipaddress.IPv6Address):
-            if address.ipv4_mapped is not None:
-                return str(address.ipv4_mapped)
-            return str(ipaddress.ip_network(f"{address}/64", strict=False))
-        return str(address)
-
-    def _recent(self, client: str, now: float) -> deque[float]:
-        times = self._seen.get(self.key(client), deque())
-        while times and now - times[0] >= self.window:
-            times.popleft()
-        return times
-
-    def retry_after(self, client: str, now: float) -> int:
-        """Seconds until `client` may try again (0: now)."""
-        times = self._recent(client, now)
-        if len(times) < self.failures:
-            return 0
-        return max(1, math.ceil(times[0] + self.window - now))
-
-    def failed(self, client: str, now: float) -> None:
-        times = self._recent(client, now)
-        times.append(now)
-        key = self.key(client)
-        self._seen[key] = times
-        self._seen.move_to_end(key)
-        while len(self._seen) > SIGNIN_CLIENTS:
-            self._seen.popitem(last=False)
-
-    def succeeded(self, client: str) -> None:
-        self._seen.pop(self.key(client), None)
-
-
 def sign_in_limit(request: Request) -> SignInLimit:
     limit: SignInLimit = request.scope["receiver.signin_limit"]
     return limit
@@ -142,12 +84,12 @@ def sign_in_limit(request: Request) -> SignInLimit:
 class SignedIn:
     """Inside the dashboard's mount: every path but the sign-in form and the static files
     needs a live session, else a redirect to the form; every answer gets HEADERS. It also
-    holds the sign-in attempt counts (in the scope, for the sign-in form)."""
+    passes on the wrong-token counts (in the scope, for the sign-in form)."""
 
-    def __init__(self, app: ASGIApp, clock: Callable[[], float]) -> None:
+    def __init__(self, app: ASGIApp, clock: Callable[[], float], limit: SignInLimit) -> None:
         self.app = app
         self.clock = clock
-        self.limit = SignInLimit()
+        self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -12,7 +12,6 @@ is `receiver.test` (a consumer should ignore types it does not know) and its id 
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -34,25 +33,25 @@ from receiver.ui.session import checked_form
 
 log = structlog.get_logger("receiver.ui")
 MASK = "***"
-# Query parameters that may carry a credential: their values are never shown.
-SECRET_PARAM = re.compile(r"pass|secret|token|key|sig|auth|cred", re.IGNORECASE)
 TEST_GRACE = 5.0  # seconds beyond the sink's own timeout before a test send is given up
 TEXT_MAX = 600  # characters of a test's answer kept: the session is a cookie (4 kB at most)
 
 
 def masked_url(url: str) -> str:
-    """`url` fit to show: user and password, and password-like query values, masked."""
+    """`url` fit to show: user and password masked; for a webhook (http, https) the path and
+    query too, which often are the credential (Slack, Discord and Teams put it in the path,
+    Azure Functions in `?code=`): the sink's own error messages hide them for the same reason.
+    Other sinks' paths (a file, a Redis database, a vhost) are shown, their query values not."""
     parts = urlsplit(url)
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, host = netloc.rsplit("@", 1)
         netloc = f"{MASK}:{MASK}@{host}" if ":" in userinfo else f"{MASK}@{host}"
+    if parts.scheme in ("http", "https"):
+        hidden = parts.path.strip("/") or parts.query
+        return urlunsplit((parts.scheme, netloc, f"/{MASK}" if hidden else parts.path, "", ""))
     query = urlencode(
-        [
-            (k, MASK if SECRET_PARAM.search(k) else v)
-            for k, v in parse_qsl(parts.query, keep_blank_values=True)
-        ],
-        safe="*",
+        [(k, MASK) for k, _ in parse_qsl(parts.query, keep_blank_values=True)], safe="*"
     )
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
@@ -128,7 +127,9 @@ async def test(request: Request) -> Response:
             receipt = await dispatcher.senders[name].sink.send(message)
     except Exception as exc:  # the sink's error, a timeout, or a bug in its code: shown alike
         took = (time.perf_counter() - started) * 1000
-        reason = exc.reason if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
+        # A SinkError's reason is cleaned of the sink's secrets by the sink; anything else is
+        # named by its type only, since its text may quote a URL or a credential.
+        reason = exc.reason if isinstance(exc, SinkError) else type(exc).__name__
         log.info("ui.sink_tested", sink=name, event_id=message.event_id, ok=False, error=reason)
         text = f"Test event to {name} failed after {took:.0f} ms: {reason}"
         request.session["sink_test"] = {"sink": name, "ok": False, "text": text[:TEXT_MAX]}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from starlette.applications import Starlette
 from receiver.app import create_app
 from receiver.config import load_settings
 from tests.conftest import read_body
+from tests.integration.conftest import postgres_template, postgres_url  # noqa: F401 (fixtures)
 
 ADMIN = {"Authorization": "Bearer inprocess-admin"}
 SECRET = "inprocess-webhook-secret"
@@ -113,6 +114,16 @@ async def running(tmp_path: Path, **settings: Any) -> AsyncIterator[Service]:
             ) as client,
         ):
             yield Service(app, client, api, clock, db)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each store in turn, for what the store answers: SQLite in tmp_path, then a fresh
+    PostgreSQL database (skipped where none is reachable, failing under CI)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/receiver.db"
+    else:
+        yield request.getfixturevalue("postgres_url")
 
 
 @pytest.fixture

@@ -672,6 +672,38 @@ async def test_repeated_wrong_tokens_are_slowed_per_client(
     assert "guess-token-xyz" not in logs and TOKEN not in logs
 
 
+async def test_wrong_bearer_tokens_on_the_api_count_as_wrong_sign_ins(service: Service) -> None:
+    """The admin API's bearer token is the same secret as the sign-in form's: 5 wrong ones on
+    /v1 from a client and both the API (even with the right token) and the form answer 429
+    with Retry-After; requests without any token are not counted; another client is not
+    affected; a minute later the client gets in."""
+    async with (
+        client_at(service, "198.51.100.21") as mallory,
+        client_at(service, "198.51.100.22") as alice,
+    ):
+        for _ in range(10):
+            assert (await mallory.get("/v1/jobs")).status_code == 401  # no token: no guess
+        for i in range(5):
+            wrong = {"Authorization": f"Bearer guess-{i}"}
+            assert (await mallory.get("/v1/jobs", headers=wrong)).status_code == 401
+        limited = await mallory.get("/v1/jobs", headers=ADMIN)
+        assert limited.status_code == 429 and limited.headers["retry-after"] == "60"
+        assert (await sign_in(mallory)).status_code == 429
+        assert (await alice.get("/v1/jobs", headers=ADMIN)).status_code == 200
+        service.clock.now += 60
+        assert (await mallory.get("/v1/jobs", headers=ADMIN)).status_code == 200
+
+
+async def test_the_wrong_token_limit_can_be_turned_off(tmp_path: Path) -> None:
+    """RECEIVER_SIGNIN_FAILURES=0: wrong tokens are refused (401) but never lock a client out
+    (for a test harness or a private network that wants none)."""
+    async with running(tmp_path, signin_failures=0) as svc:
+        for i in range(8):
+            wrong = {"Authorization": f"Bearer guess-{i}"}
+            assert (await svc.client.get("/v1/jobs", headers=wrong)).status_code == 401
+        assert (await svc.client.get("/v1/jobs", headers=ADMIN)).status_code == 200
+
+
 async def test_behind_a_trusted_proxy_each_forwarded_client_is_counted(service: Service) -> None:
     """Behind a trusted proxy (the socket peer), clients are told apart by the address the
     proxy forwards: one client's failures do not lock out another."""
