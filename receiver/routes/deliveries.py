@@ -44,7 +44,9 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return data
 
 
-def _configured(request: Request, sink: str | None) -> None:
+def check_sink(request: Request, sink: str | None) -> None:
+    """A sink named in a request must be configured (422 naming it), here and on the
+    dashboard alike."""
     if sink is not None and sink not in services(request).sink_names:
         raise BadRequest(f"no sink named {sink!r} is configured", 422)
 
@@ -78,7 +80,7 @@ async def retry_matching(request: Request) -> Response:
     """Every delivery the filters match, as the list shows them, back in the queue at once
     (one statement); those being sent right now are left alone."""
     wanted = parse(RetryMatching, await _json_body(request), 422)
-    _configured(request, wanted.sink)
+    check_sink(request, wanted.sink)
     svc = services(request)
     since, until = epoch(wanted.since), epoch(wanted.until)
     _, newest = await svc.store.count_requeueable(
@@ -102,7 +104,7 @@ async def replay_event(request: Request) -> Response:
     if event is None:
         return error(404, "no such event")
     sink = parse(ReplayEvent, await _json_body(request), 422).sink
-    _configured(request, sink)
+    check_sink(request, sink)
     targets = (
         [sink]
         if sink
@@ -121,7 +123,7 @@ async def replay_event(request: Request) -> Response:
 async def replay_dead(request: Request) -> Response:
     """Replay everything dead for one sink, optionally only what died since a time."""
     replay = parse(ReplayDead, await _json_body(request), 422)
-    _configured(request, replay.sink)
+    check_sink(request, replay.sink)
     svc = services(request)
     count = await svc.store.requeue(svc.clock(), sink=replay.sink, since=epoch(replay.since))
     return JSON({"requeued": count}, status_code=202)

@@ -656,8 +656,10 @@ OVERVIEW_MINUTE = {
 }
 JOBS_BY_STATUS = "SELECT status, COUNT(*) FROM jobs GROUP BY status"
 DELIVERIES_BY_SINK = "SELECT sink, state, COUNT(*) FROM deliveries GROUP BY sink, state"
-# Ids count up as rows are made: a sink's oldest row in a state is the first in the index on
-# (sink, state), whose entries SQLite orders by id (MIN(created_at) read every waiting row).
+# Ids count up as rows are made: a sink's oldest row in a state is the one with the lowest id
+# (SQLite reads it first from the index on (sink, state), whose entries it orders by rowid;
+# PostgreSQL sorts the sink's rows in that state, the waiting ones, which are few).
+# MIN(created_at) would read every waiting row on both.
 OLDEST_IN_STATE = (
     "SELECT created_at FROM deliveries WHERE sink = ? AND state = ? ORDER BY id LIMIT 1"
 )

@@ -31,6 +31,7 @@ from receiver.models import (
     iso,
 )
 from receiver.routes import BadRequest, Services, parse, services
+from receiver.routes.deliveries import check_sink
 from receiver.routes.jobs import deliveries_of
 from receiver.routes.schemas import (
     ROW_ID_PATTERN,
@@ -253,8 +254,7 @@ async def retry_matching(request: Request) -> Response:
         return await retry_confirmed(request)
     svc = services(request)
     wanted = parse(RetryMatching, query(request), 400)
-    if wanted.sink is not None and wanted.sink not in svc.sink_names:
-        raise BadRequest(f"No sink named {wanted.sink!r} is configured.", 422)
+    check_sink(request, wanted.sink)
     count, newest = await svc.store.count_requeueable(
         wanted.state, wanted.sink, since=epoch(wanted.since), until=epoch(wanted.until)
     )
@@ -278,8 +278,7 @@ async def retry_confirmed(request: Request) -> Response:
         raise BadRequest("The confirmation is incomplete; count again.", 400)
     svc = services(request)
     wanted = parse(RetryMatching, {k: v for k, v in fields.items() if v}, 400)
-    if wanted.sink is not None and wanted.sink not in svc.sink_names:
-        raise BadRequest(f"No sink named {wanted.sink!r} is configured.", 422)
+    check_sink(request, wanted.sink)
     count = await svc.store.requeue_matching(
         svc.clock(),
         int(upto),
