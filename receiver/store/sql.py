@@ -240,6 +240,10 @@ JOB_BY_ID = "SELECT ? UNION SELECT job_id FROM predictions WHERE id = ?"
 # failed attempt). A bulk retry leaves `leased` rows alone: they are being sent right now.
 RETRYING = "retrying"
 REQUEUEABLE = "state IN ('dead', 'delivered', 'pending')"
+# A delivery back in the queue: due now (both parameters: the time), attempts from zero.
+REQUEUE = (
+    "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, updated_at = ?"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,11 +394,7 @@ def count_query(where: Where) -> tuple[str, list[Any]]:
 def requeue_where_query(where: Where, upto: int) -> tuple[str, list[Any]]:
     """Every delivery `where` matches, up to id `upto`, back in the queue: one statement."""
     where = Where([*where.clauses, REQUEUEABLE, "id <= ?"], [*where.params, upto])
-    return (
-        "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
-        f" updated_at = ?{where.sql()}",
-        where.params,
-    )
+    return f"{REQUEUE}{where.sql()}", where.params
 
 
 def metadata_values(job: Job) -> list[str]:
@@ -549,12 +549,8 @@ def requeue_query(
         if value is not None:
             clauses.append(clause)
             params.append(value)
-    clauses.append("state = 'dead'" if only_dead else "state IN ('dead', 'delivered', 'pending')")
-    return (
-        "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, updated_at = ?"
-        f" WHERE {' AND '.join(clauses)}",
-        params,
-    )
+    clauses.append("state = 'dead'" if only_dead else REQUEUEABLE)
+    return f"{REQUEUE} WHERE {' AND '.join(clauses)}", params
 
 
 def requeue(
