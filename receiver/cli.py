@@ -370,13 +370,31 @@ def _print_json(data: Any) -> None:
 def list_jobs(
     status: Annotated[str | None, typer.Option(help="Only this status.")] = None,
     domain: Annotated[str | None, typer.Option(help="Only this domain.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Created at or after (ISO-8601; UTC if no zone).")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Created before (ISO-8601; UTC if no zone).")
+    ] = None,
+    find: Annotated[
+        str | None,
+        typer.Option(help="A job id, a prediction id, or a top-level metadata value."),
+    ] = None,
     limit: Annotated[int, typer.Option(help="How many.")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="The API's JSON, not a table.")] = False,
     url: ServiceUrl = "http://127.0.0.1:8000",
     token: AdminToken = None,
 ) -> None:
-    """List jobs, newest first (`receiver job ID` shows one)."""
-    params = {k: v for k, v in {"status": status, "domain": domain, "limit": limit}.items() if v}
+    """List jobs, newest first (`receiver job ID` shows one); the filters are the API's."""
+    wanted = {
+        "status": status,
+        "domain": domain,
+        "since": since,
+        "until": until,
+        "q": find,
+        "limit": limit,
+    }
+    params = {k: v for k, v in wanted.items() if v}
     with _client(url, token) as client:
         try:
             page = _call(client, "GET", "/v1/jobs", params=params)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import httpx
 import orjson
 import pytest
 
@@ -60,3 +61,36 @@ def test_an_unknown_job_is_a_clear_message(service: Process) -> None:
         env=env,
     )
     assert run.returncode != 0 and "job job_nope: no such job" in run.stdout + run.stderr
+
+
+def test_jobs_are_found_by_metadata_value_and_filtered_by_time(service: Process) -> None:
+    """`receiver jobs --find VALUE` lists only the job submitted with that metadata value;
+    `--since` in the future lists none; a malformed time fails with the API's reason."""
+    made = []
+    for session in ("sess-cli-1", "sess-cli-2"):
+        answer = httpx.post(
+            f"{service.url}/v1/jobs",
+            json={
+                "url": "https://example.com/doc.pdf",
+                "domain": "document.invoice",
+                "metadata": {"session_id": session},
+            },
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            timeout=30,
+        )
+        assert answer.status_code == 201, answer.text
+        made.append(answer.json()["id"])
+    found = orjson.loads(cli(service, "jobs", "--find", "sess-cli-2", "--json"))
+    assert [j["id"] for j in found["items"]] == [made[1]]
+    later = orjson.loads(cli(service, "jobs", "--since", "2099-01-01T00:00:00Z", "--json"))
+    assert later["items"] == []
+    env = {**os.environ, "RECEIVER_ADMIN_TOKEN": ADMIN_TOKEN}
+    run = subprocess.run(
+        [sys.executable, "-m", "receiver", "jobs", "--since", "yesterday", "--url", service.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert run.returncode != 0 and "since" in run.stdout + run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
