@@ -31,7 +31,17 @@ from receiver.models import new_id
 from receiver.outbox import Dispatcher, RetryPolicy
 from receiver.proxy import ProxyHeaders, mount
 from receiver.reconcile import Reconciler
-from receiver.routes import JSON, AdminOnly, BadRequest, Services, deliveries, error, jobs, ops
+from receiver.routes import (
+    JSON,
+    AdminOnly,
+    BadRequest,
+    NoNulInUrl,
+    Services,
+    deliveries,
+    error,
+    jobs,
+    ops,
+)
 from receiver.routes.callbacks import CALLBACK_PATH, CallbackEndpoint
 from receiver.routes.guesses import SignInLimit
 from receiver.routes.openapi import openapi
@@ -129,25 +139,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _store_failed(request: Request, exc: Exception) -> Response:
     log.error("store.failed", error=str(exc))
     return error(503, "store unavailable, retry later")
-
-
-class NoNulInUrl:
-    """Refuses a URL with a NUL character in its path or query (400): no id, filter or name of
-    ours can hold one, PostgreSQL text cannot store or compare one, and answering such a
-    lookup "store unavailable" (503) would send a client retrying what can never work."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and (
-            "\x00" in scope["path"] or b"%00" in scope["query_string"]
-        ):
-            await JSON({"error": "a URL may not contain a NUL character (%00)"}, 400)(
-                scope, receive, send
-            )
-            return
-        await self.app(scope, receive, send)
 
 
 class RootPath:
@@ -283,7 +274,8 @@ def create_app(
         # Wrong admin tokens count alike on the sign-in form and on /v1: one secret.
         guesses = SignInLimit(settings.signin_failures)
         admin = [
-            Middleware(AdminOnly, token=settings.admin_token, guesses=guesses, clock=clock)
+            Middleware(NoNulInUrl),
+            Middleware(AdminOnly, token=settings.admin_token, guesses=guesses, clock=clock),
         ]
         routes += [
             Route("/openapi.json", openapi),
@@ -297,7 +289,6 @@ def create_app(
     middleware += [
         Middleware(ProxyHeaders, trusted_hosts=settings.trusted_proxies),
         Middleware(RequestContext),
-        Middleware(NoNulInUrl),
     ]
     if restrict_hosts:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts))

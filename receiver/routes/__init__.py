@@ -106,6 +106,24 @@ class AdminOnly:
         await refusal(scope, receive, send)
 
 
+class NoNulInUrl:
+    """Refuses a URL with a NUL character in its path or query (400), on the admin API and the
+    dashboard (a callback's token is hashed before any lookup): no id, filter or name of ours
+    can hold one, PostgreSQL text cannot store or compare one, and answering such a
+    lookup "store unavailable" (503) would send a client retrying what can never work."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (
+            "\x00" in scope["path"] or b"%00" in scope["query_string"]
+        ):
+            await error(400, "a URL may not contain a NUL character (%00)")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def parse(model: type[Model], data: Any, status: int) -> Model:
     """`data` as `model`, or BadRequest(status) naming the first field to fix."""
     try:

@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from receiver.config import Settings
+from receiver.routes import NoNulInUrl
 from receiver.routes.guesses import SignInLimit
 from receiver.ui import overview, pages, sinks, submit
 from receiver.ui.session import SessionCookie, SignedIn, session_secret
@@ -32,6 +33,7 @@ def routes(
     counts wrong tokens on the sign-in form (shared with the admin API)."""
     cookie_path = settings.root_path.rstrip("/") + "/ui"
     middleware = [
+        Middleware(NoNulInUrl),
         Middleware(SessionCookie, secret=session_secret(settings.admin_token), path=cookie_path),
         Middleware(SignedIn, clock=clock, limit=guesses),
     ]

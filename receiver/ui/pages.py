@@ -18,6 +18,7 @@ from urllib.parse import urlencode
 import jinja2
 import orjson
 import structlog
+from starlette.datastructures import URL
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
@@ -42,6 +43,7 @@ from receiver.routes.schemas import (
     RetryMatching,
     epoch,
 )
+from receiver.store import Page
 from receiver.ui import jsontree
 from receiver.ui.session import checked_form, csrf_token, sign_in, sign_in_limit
 
@@ -154,9 +156,6 @@ async def jobs(request: Request) -> Response:
         until=epoch(q.until),
         search=q.q,
     )
-    more = None
-    if listing.next_cursor:
-        more = request.url.include_query_params(cursor=listing.next_cursor)
     return render(
         request,
         "jobs.html",
@@ -164,8 +163,15 @@ async def jobs(request: Request) -> Response:
         q=q,
         times=times(q),
         statuses=JOB_STATUSES,
-        next_url=more,
+        next_url=next_page(request, listing),
     )
+
+
+def next_page(request: Request, listing: Page) -> URL | None:
+    """This list's next page: the same filters, the listing's cursor (None: the last page)."""
+    if not listing.next_cursor:
+        return None
+    return request.url.include_query_params(cursor=listing.next_cursor)
 
 
 def times(q: CreatedBetween) -> dict[str, dict[str, str]]:
@@ -218,9 +224,6 @@ async def deliveries(request: Request) -> Response:
     listing = await svc.store.list_deliveries(
         q.state, q.sink, q.limit, q.cursor, q.event_id, since=epoch(q.since), until=epoch(q.until)
     )
-    more = None
-    if listing.next_cursor:
-        more = request.url.include_query_params(cursor=listing.next_cursor)
     return render(
         request,
         "deliveries.html",
@@ -229,7 +232,7 @@ async def deliveries(request: Request) -> Response:
         times=times(q),
         states=DELIVERY_STATES,
         sinks=svc.sink_names,
-        next_url=more,
+        next_url=next_page(request, listing),
         filters=filters_of(q),
     )
 

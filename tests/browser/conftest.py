@@ -68,23 +68,33 @@ def browser(chromium: Path) -> Iterator[Browser]:
         launched.close()
 
 
+def start_serve(tmp_path: Path, sinks: str, **env: str) -> Process:
+    """`receiver serve` with its worker, started and answering: SQLite in tmp_path, the admin
+    token, the webhook secret, the `[[sinks]]` TOML given, and `env` on top."""
+    port = free_port()
+    sinks_file = tmp_path / "sinks.toml"
+    sinks_file.write_text(sinks)
+    settings = {
+        "RECEIVER_DATABASE_URL": f"sqlite:///{tmp_path}/receiver.db",
+        "RECEIVER_PORT": str(port),
+        "RECEIVER_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "RECEIVER_ADMIN_TOKEN": ADMIN_TOKEN,
+        "RECEIVER_VLMRUN_WEBHOOK_SECRETS": WEBHOOK_SECRET,
+        "RECEIVER_SINKS_FILE": str(sinks_file),
+        "RECEIVER_LOG_FORMAT": "json",
+        **env,
+    }
+    proc = Process(["serve"], base_env(**settings), tmp_path / "service.log", port)
+    proc.start()
+    return proc
+
+
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Process]:
     """`receiver serve` with its worker, the bundled VLM Run simulator (no API key: it
     answers and signs callbacks in process) and one file sink."""
-    port = free_port()
-    sinks = tmp_path / "sinks.toml"
-    sinks.write_text(f'[[sinks]]\nname = "archive"\nurl = "file://{tmp_path}/archive.jsonl"\n')
-    env = base_env(
-        RECEIVER_DATABASE_URL=f"sqlite:///{tmp_path}/receiver.db",
-        RECEIVER_PORT=str(port),
-        RECEIVER_PUBLIC_URL=f"http://127.0.0.1:{port}",
-        RECEIVER_ADMIN_TOKEN=ADMIN_TOKEN,
-        RECEIVER_VLMRUN_WEBHOOK_SECRETS=WEBHOOK_SECRET,
-        RECEIVER_SINKS_FILE=str(sinks),
-        RECEIVER_LOG_FORMAT="json",
+    proc = start_serve(
+        tmp_path, f'[[sinks]]\nname = "archive"\nurl = "file://{tmp_path}/archive.jsonl"\n'
     )
-    proc = Process(["serve"], env, tmp_path / "service.log", port)
-    proc.start()
     yield proc
     proc.stop()

@@ -21,8 +21,8 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect
 
-from tests.acceptance.conftest import Process, base_env, free_port, wait_for
-from tests.browser.conftest import ADMIN_TOKEN, WEBHOOK_SECRET
+from tests.acceptance.conftest import Process, free_port, wait_for
+from tests.browser.conftest import ADMIN_TOKEN, start_serve
 
 SCREENSHOT = "/tmp/receiver-dashboard-job.png"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -239,24 +239,12 @@ def flaky(tmp_path: Path) -> Iterator[tuple[Process, Sink]]:
     """`receiver serve` with a file sink and an HTTP sink (`erp`) that is down: two attempts
     a delivery, then dead."""
     sink = Sink()
-    port = free_port()
-    sinks = tmp_path / "sinks.toml"
-    sinks.write_text(
+    proc = start_serve(
+        tmp_path,
         f'[[sinks]]\nname = "archive"\nurl = "file://{tmp_path}/archive.jsonl"\n'
         f'[[sinks]]\nname = "erp"\nurl = "http://127.0.0.1:{sink.port}/hooks"\n'
-        'secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"\nretry_schedule = [0, 0.2]\n'
+        'secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"\nretry_schedule = [0, 0.2]\n',
     )
-    env = base_env(
-        RECEIVER_DATABASE_URL=f"sqlite:///{tmp_path}/receiver.db",
-        RECEIVER_PORT=str(port),
-        RECEIVER_PUBLIC_URL=f"http://127.0.0.1:{port}",
-        RECEIVER_ADMIN_TOKEN=ADMIN_TOKEN,
-        RECEIVER_VLMRUN_WEBHOOK_SECRETS=WEBHOOK_SECRET,
-        RECEIVER_SINKS_FILE=str(sinks),
-        RECEIVER_LOG_FORMAT="json",
-    )
-    proc = Process(["serve"], env, tmp_path / "service.log", port)
-    proc.start()
     yield proc, sink
     proc.stop()
     sink.stop()

@@ -18,7 +18,7 @@ import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect
 
 from tests.acceptance.conftest import API_KEY, Process, base_env, free_port
-from tests.browser.conftest import ADMIN_TOKEN, WEBHOOK_SECRET
+from tests.browser.conftest import ADMIN_TOKEN, WEBHOOK_SECRET, start_serve
 
 LAPTOP = {"width": 1280, "height": 800}
 LIVE_WAIT = 15_000  # ms: a few of the pages' polling rounds (2 s on a job, 5 s on the overview)
@@ -41,26 +41,14 @@ def slow_simulator(tmp_path: Path) -> Iterator[Process]:
 def service(tmp_path: Path, slow_simulator: Process) -> Iterator[Process]:
     """`receiver serve` with its worker, a file sink that works and an HTTP sink nobody
     listens at (three quick attempts, then dead)."""
-    port = free_port()
-    sinks = tmp_path / "sinks.toml"
-    sinks.write_text(
+    proc = start_serve(
+        tmp_path,
         f'[[sinks]]\nname = "archive"\nurl = "file://{tmp_path}/archive.jsonl"\n'
         f'[[sinks]]\nname = "crm"\nurl = "http://127.0.0.1:{free_port()}/hooks"\n'
-        'secret = "whsec_c2VjcmV0LXNpZ25pbmcta2V5"\nretry_schedule = [0, 0.5, 0.5]\n'
-    )
-    env = base_env(
-        RECEIVER_DATABASE_URL=f"sqlite:///{tmp_path}/receiver.db",
-        RECEIVER_PORT=str(port),
-        RECEIVER_PUBLIC_URL=f"http://127.0.0.1:{port}",
-        RECEIVER_ADMIN_TOKEN=ADMIN_TOKEN,
+        'secret = "whsec_c2VjcmV0LXNpZ25pbmcta2V5"\nretry_schedule = [0, 0.5, 0.5]\n',
         RECEIVER_VLMRUN_API_KEY=API_KEY,
         RECEIVER_VLMRUN_BASE_URL=f"{slow_simulator.url}/v1",
-        RECEIVER_VLMRUN_WEBHOOK_SECRETS=WEBHOOK_SECRET,
-        RECEIVER_SINKS_FILE=str(sinks),
-        RECEIVER_LOG_FORMAT="json",
     )
-    proc = Process(["serve"], env, tmp_path / "service.log", port)
-    proc.start()
     yield proc
     proc.stop()
 

@@ -116,6 +116,17 @@ async def running(tmp_path: Path, **settings: Any) -> AsyncIterator[Service]:
             yield Service(app, client, api, clock, db)
 
 
+@pytest.fixture
+def sinks_file(tmp_path: Path) -> Path:
+    """Two file sinks, `erp` and `audit`, writing into tmp_path."""
+    path = tmp_path / "sinks.toml"
+    path.write_text(
+        f'[[sinks]]\nname = "erp"\nurl = "file://{tmp_path}/erp.jsonl"\n'
+        f'[[sinks]]\nname = "audit"\nurl = "file://{tmp_path}/audit.jsonl"\n'
+    )
+    return path
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """Each store in turn, for what the store answers: SQLite in tmp_path, then a fresh

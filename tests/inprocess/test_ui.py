@@ -40,16 +40,6 @@ async def post(client: httpx.AsyncClient, page: str, action: str, **fields: str)
 
 
 @pytest.fixture
-async def sinks_file(tmp_path: Path) -> Path:
-    path = tmp_path / "sinks.toml"
-    path.write_text(
-        f'[[sinks]]\nname = "erp"\nurl = "file://{tmp_path}/erp.jsonl"\n'
-        f'[[sinks]]\nname = "audit"\nurl = "file://{tmp_path}/audit.jsonl"\n'
-    )
-    return path
-
-
-@pytest.fixture
 async def signed(tmp_path: Path, sinks_file: Path) -> AsyncIterator[Service]:
     """The service with two file sinks, its client signed in to the dashboard."""
     async with running(tmp_path, sinks_file=str(sinks_file)) as svc:

@@ -28,16 +28,6 @@ def figure(page: str, name: str) -> int:
 
 
 @pytest.fixture
-def sinks_file(tmp_path: Path) -> Path:
-    path = tmp_path / "sinks.toml"
-    path.write_text(
-        f'[[sinks]]\nname = "erp"\nurl = "file://{tmp_path}/erp.jsonl"\n'
-        f'[[sinks]]\nname = "audit"\nurl = "file://{tmp_path}/audit.jsonl"\n'
-    )
-    return path
-
-
-@pytest.fixture
 async def signed(tmp_path: Path, sinks_file: Path, database_url: str) -> AsyncIterator[Service]:
     """Two file sinks, no worker, signed in; the clock at the real time, since event ids
     carry the real time they were made at (the overview finds the hour's events by id)."""
